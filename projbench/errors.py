@@ -1,0 +1,33 @@
+"""Errors a user can fix. `__main__` prints them as one line and exits with code 2 (no
+traceback unless HYDRA_FULL_ERROR=1); they are raised before training starts."""
+
+
+class UserError(Exception):
+    """Bad input the user can fix: a config value, a missing or malformed data set."""
+
+
+class ConfigError(UserError):
+    """An invalid config value; the message names the key and what is accepted."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+class DataError(UserError):
+    """A missing or malformed data set; the message names the path and what was expected."""
+
+    def __init__(self, path, message: str, hint: str | None = None):
+        text = f"{path}: {message}"
+        if hint:
+            text += f". {hint}"
+        super().__init__(text)
+        self.path = path
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf; the run is stopped and recorded as failed."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss became {value} at step {step}; the run is stopped (summary.json: status failed)")
+        self.step = step

@@ -1,0 +1,124 @@
+"""What SGDP and AdamP share: gathering a group's parameters, the cached projector, and the
+record of which weights were projected at the last step (for diagnostics, kept as tensors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from projbench.optim.projection import Projector, _compute_dtype
+
+
+@dataclass
+class ProjectionRecord:
+    """Which of a group's multi-dimensional weights were projected at the last step.
+
+    `projected` is a bool tensor on the parameters' device (one entry per weight in `params`);
+    nothing has been read to the host, so reading it is the caller's choice of sync point.
+    """
+
+    params: list[Tensor]
+    projected: Tensor
+    numel: Tensor
+
+
+class ProjectedOptimizer(Optimizer):
+    """Base class: subclasses implement `_update(group, params, grads, projector)`."""
+
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, defaults)
+        self._projectors: dict[int, Projector] = {}
+        self.last_projection: list[ProjectionRecord] = []
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._projectors = {}
+        self.last_projection = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.last_projection = []
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            self._update(group, params, [p.grad for p in params], index)
+        return loss
+
+    def _projector(self, index: int, group: dict, weights: list[Tensor]) -> Projector:
+        """The projector for this group's current set of multi-dimensional weights."""
+        key = tuple(id(p) for p in weights) + (group["delta"], group["eps"])
+        projector = self._projectors.get(index)
+        if projector is None or projector.key != key:
+            projector = Projector(weights, group["delta"], group["eps"])
+            self._projectors[index] = projector
+        return projector
+
+    def _state(self, p: Tensor, name: str) -> Tensor:
+        """A state buffer shaped and laid out like `p`; float32 for float16/bfloat16 weights."""
+        state = self.state[p]
+        if name not in state:
+            state[name] = torch.zeros_like(p, dtype=_compute_dtype(p), memory_format=torch.preserve_format)
+        return state[name]
+
+    def _apply(
+        self,
+        group: dict,
+        index: int,
+        params: list[Tensor],
+        grads: list[Tensor],
+        updates: list[Tensor],
+        step_sizes: list[float],
+        decay_divisor: float,
+        project_updates_in_place: bool,
+    ) -> None:
+        """Project `updates` of the multi-dimensional weights, decay, and step.
+
+        `w <- w * (1 - lr * wd * ratio / decay_divisor) - step_size * (u - c * w)`, with
+        `c` and `ratio` from the projector. When `project_updates_in_place` is set (SGDP without
+        Nesterov, where the update is the momentum buffer itself, as in the official code), the
+        projection is written into `updates` too.
+        """
+        lr, wd, wd_ratio = group["lr"], group["weight_decay"], group["wd_ratio"]
+        multi = [i for i, p in enumerate(params) if p.dim() > 1]
+        if multi:
+            weights = [params[i] for i in multi]
+            projector = self._projector(index, group, weights)
+            coef, projected = projector.coefficients(weights, [grads[i] for i in multi], [updates[i] for i in multi])
+            self.last_projection.append(ProjectionRecord(weights, projected, projector.layout.numel))
+            if wd > 0:
+                ratio = torch.where(projected, coef.new_tensor(wd_ratio), 1.0)  # in coef's dtype
+                decay = (1 - lr * wd * ratio / decay_divisor)[projector.layout.row_param]
+            else:
+                decay = torch.ones_like(coef)
+            for k, i in enumerate(multi):
+                c = projector.broadcast(coef, k, params[i])
+                d = projector.broadcast(decay, k, params[i])
+                if project_updates_in_place:
+                    updates[i].addcmul_(params[i], c, value=-1)
+                    params[i].mul_(d)
+                else:
+                    # w * d - s * (u - c * w) == w * (d + s * c) - s * u
+                    params[i].mul_(d + step_sizes[i] * c)
+        single = [i for i, p in enumerate(params) if p.dim() <= 1]
+        if single and wd > 0:
+            torch._foreach_mul_([params[i] for i in single], 1 - lr * wd / decay_divisor)
+        _add_scaled(params, updates, step_sizes)
+
+
+def _add_scaled(params: list[Tensor], updates: list[Tensor], step_sizes: list[float]) -> None:
+    """`p -= step_size * u` for each pair, in one foreach call when the step sizes agree."""
+    if all(s == step_sizes[0] for s in step_sizes):
+        torch._foreach_add_(params, updates, alpha=-step_sizes[0])
+    else:
+        for p, u, s in zip(params, updates, step_sizes):
+            p.add_(u, alpha=-s)

@@ -1,0 +1,94 @@
+"""The small interface between a task and the shared loop.
+
+A task owns its data, model, loss and metrics; it never sees the optimizer or the loop. The loop
+(projbench/train.py) calls, in order:
+
+    task = TaskClass(cfg.task)          # cfg.task is the task's config node
+    task.setup(dist)                    # check / prepare data; raise DataError before training
+    model = task.build_model()
+    train_loader = task.train_loader(batch_size, dist, seed)
+    eval_loaders = task.eval_loaders(batch_size, dist)      # {"val": ..., "test": ...}
+    loss = task.training_loss(model, batch)                 # per step, on the device
+    metrics = task.evaluate(model, loader, device)          # {"top1": 97.1, ...}, reduced over ranks
+    extra = task.summarize(history)                         # optional derived summary values
+
+`metrics` declares each metric's direction ("max" or "min"); the first is the primary metric.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from projbench.distributed import DistInfo, ResumableSampler, ShardSampler
+
+
+class Task(ABC):
+    #: metric name -> "max" | "min"; the first entry is the primary metric of the task
+    metrics: dict[str, str] = {}
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def setup(self, dist: DistInfo) -> None:
+        """Check the data set (and write the fixture when asked); called on every rank before
+        anything is built. Raise projbench.errors.DataError naming the path on a problem."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module: ...
+
+    @abstractmethod
+    def train_dataset(self) -> Dataset: ...
+
+    def eval_datasets(self) -> dict[str, Dataset]:
+        return {}
+
+    @abstractmethod
+    def training_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The scalar loss of one batch (already on the device)."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+        """Metrics over `loader`, reduced across ranks (torchmetrics does this when a process
+        group exists). Called in eval mode under torch.no_grad()."""
+
+    def model_name(self) -> str:
+        return self.cfg.get("model", {}).get("arch", type(self).__name__)
+
+    def optimizer_groups(self, model: nn.Module) -> list[dict]:
+        """Extra parameter groups with their own settings (e.g. loss proxies with their own lr)."""
+        return []
+
+    def summarize(self, history: list[dict]) -> dict:
+        """Values derived from the whole metric history (the parsed metrics.jsonl), added to
+        summary.json under "derived"."""
+        return {}
+
+    # Loaders: the default is a (distributed, resumable) shuffled loader over train_dataset();
+    # tasks with special batching (class-balanced, token streams) override these.
+    def loader_kwargs(self) -> dict:
+        data = self.cfg.data
+        workers = int(data.get("num_workers", 0))
+        return dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
+                    persistent_workers=workers > 0)
+
+    def train_loader(self, batch_size: int, dist: DistInfo, seed: int) -> DataLoader:
+        dataset = self.train_dataset()
+        sampler = ResumableSampler(dataset, dist, shuffle=True, seed=seed, drop_last=True)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                          **self.loader_kwargs())
+
+    def eval_loaders(self, batch_size: int, dist: DistInfo) -> dict[str, DataLoader]:
+        return {
+            split: DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(ds, dist), **self.loader_kwargs())
+            for split, ds in self.eval_datasets().items()
+        }

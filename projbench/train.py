@@ -1,0 +1,337 @@
+"""The one training loop every task runs through.
+
+    train(cfg, run_dir) -> summary dict
+
+It knows nothing about the task beyond projbench.tasks.base.Task, and nothing about the optimizer
+beyond torch.optim.Optimizer. Per step it does what a bare PyTorch loop does (forward, backward,
+optimizer step, scheduler step) plus two tiny device-side ops that remember the first non-finite
+loss; it reads values on the host only every `log_every` steps, at evaluations, diagnostics and
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from projbench import diagnostics
+from projbench.distributed import DistInfo, barrier, init_distributed
+from projbench.errors import ConfigError, NonFiniteLossError
+from projbench.optim import build_optimizer
+from projbench.optim.factory import check_optim_config
+from projbench.records import RunRecorder
+from projbench.schedules import build_scheduler, validate_schedule
+from projbench.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECKPOINT = "checkpoint.pt"
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Fail before anything is built, naming the key at fault."""
+    tr = cfg.trainer
+    if str(tr.precision) not in AUTOCAST_DTYPES:
+        raise ConfigError("trainer.precision", f"got {tr.precision!r}; choose one of {sorted(AUTOCAST_DTYPES)}")
+    if tr.max_steps is None and (tr.max_epochs is None or tr.max_epochs <= 0):
+        raise ConfigError("trainer.max_epochs", "set max_epochs > 0 or max_steps > 0")
+    if tr.max_steps is not None and tr.max_steps <= 0:
+        raise ConfigError("trainer.max_steps", f"must be > 0, got {tr.max_steps}")
+    for key in ("log_every", "ckpt_every", "diagnostics_every"):
+        if tr[key] is not None and tr[key] <= 0:
+            raise ConfigError(f"trainer.{key}", f"must be > 0 (or null), got {tr[key]}")
+    if tr.grad_clip is not None and tr.grad_clip <= 0:
+        raise ConfigError("trainer.grad_clip", f"must be > 0 or null, got {tr.grad_clip}")
+    if cfg.task.data.batch_size <= 0:
+        raise ConfigError("task.data.batch_size", f"must be > 0, got {cfg.task.data.batch_size}")
+    validate_schedule(tr.schedule)
+    check_optim_config(cfg.optim)
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device", "cuda was asked for but no GPU is visible")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
+    """Move tensors in a (nested) batch to `device`; 4-D float tensors go channels_last if asked."""
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device, non_blocking=True)
+        if channels_last and batch.dim() == 4 and batch.is_floating_point():
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device, channels_last) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
+    return batch
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Trainer:
+    """Everything one run holds; `fit()` runs it."""
+
+    cfg: DictConfig
+    run_dir: Path
+    dist: DistInfo
+    device: torch.device
+    task: Task
+    model: nn.Module  # the bare model (checkpoints, evaluation)
+    train_model: nn.Module  # what the forward pass goes through (DDP and/or compiled)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    train_loader: Any
+    eval_loaders: dict
+    steps_per_epoch: int
+    total_steps: int
+    recorder: RunRecorder
+    step: int = 0
+
+    @property
+    def epoch(self) -> float:
+        return self.step / self.steps_per_epoch
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if not self.dist.is_main:
+            return
+        state = {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(),
+            "wall_seconds": self.recorder.wall_seconds(),
+        }
+        path = self.run_dir / CHECKPOINT
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+    def load_checkpoint(self, path: Path) -> int:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.recorder.wall_offset = float(state["wall_seconds"])
+        self.step = int(state["step"])
+        return self.step
+
+    # -- the loop ------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        self.model.eval()
+        results = {}
+        with torch.no_grad(), self._autocast():
+            for split, loader in self.eval_loaders.items():
+                results[split] = self.task.evaluate(self.model, loader, self.device)
+                self.recorder.log(split, results[split], self.step, self.epoch)
+        self.model.train()
+        return results
+
+    def _autocast(self):
+        dtype = AUTOCAST_DTYPES[str(self.cfg.trainer.precision)]
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+    def _batches(self):
+        """Batches from the current step on, epoch after epoch; (re)seeds the order per epoch."""
+        loader, seed = self.train_loader, int(self.cfg.seed)
+        while True:
+            epoch, offset = divmod(self.step, self.steps_per_epoch)
+            sampler = getattr(loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            if getattr(loader, "generator", None) is not None:
+                loader.generator.manual_seed(seed * 1_000_003 + epoch)
+            skip = offset
+            if offset and hasattr(sampler, "set_start"):
+                sampler.set_start(offset * loader.batch_size)
+                skip = 0
+            for i, batch in enumerate(loader):
+                if i < skip:
+                    continue
+                yield batch
+                if self.step % self.steps_per_epoch == 0:
+                    break
+
+    def fit(self) -> dict:
+        tr = self.cfg.trainer
+        eval_every = tr.eval_every or self.steps_per_epoch
+        batch_size = int(self.cfg.task.data.batch_size)
+        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        losses_in_window, window_start = 0, time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True, desc=self.task.name,
+                   disable=not (self.dist.is_main and tr.progress))
+        self.train_model.train()
+        batches = self._batches()
+        while self.step < self.total_steps:
+            batch = to_device(next(batches), self.device, tr.channels_last)
+            with self._autocast():
+                loss = self.task.training_loss(self.train_model, batch)
+            self.scaler.scale(loss).backward()
+            if tr.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            loss = loss.detach().float()
+            bad_step = torch.where(torch.isfinite(loss) | (bad_step >= 0), bad_step, self.step)
+            loss_sum += loss
+            losses_in_window += 1
+
+            if tr.diagnostics_every and self.step % tr.diagnostics_every == 0:
+                values = diagnostics.scale_invariance(self.optimizer)
+                if values:
+                    self.recorder.log("diag", values, self.step, self.epoch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+
+            last = self.step == self.total_steps
+            if self.step % tr.log_every == 0 or last:
+                self._check_finite(bad_step, loss_sum)
+                elapsed = time.perf_counter() - window_start
+                values = {"loss": loss_sum.item() / losses_in_window,
+                          "lr": self.optimizer.param_groups[0]["lr"],
+                          "samples_per_s": losses_in_window * batch_size / max(elapsed, 1e-9)}
+                self.recorder.log("train", values, self.step, self.epoch)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}",
+                                sps=f"{values['samples_per_s']:.0f}")
+                loss_sum.zero_()
+                losses_in_window, window_start = 0, time.perf_counter()
+            bar.update(1)
+            if self.step % eval_every == 0 or last:
+                self.evaluate()
+            if self.step % tr.ckpt_every == 0 or last:
+                self._check_finite(bad_step, loss_sum)
+                self.save_checkpoint()
+        bar.close()
+        return self.recorder.final
+
+    def _check_finite(self, bad_step: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        step = int(bad_step.item())
+        if step >= 0:
+            raise NonFiniteLossError(step, float(loss_sum.item()))
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
+    validate_config(cfg)
+    tr = cfg.trainer
+    dist_probe = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(tr.device, dist_probe)
+    dist = init_distributed(device.type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    global_batch = int(cfg.task.data.batch_size)
+    if global_batch % dist.world_size:
+        raise ConfigError("task.data.batch_size",
+                          f"the global batch {global_batch} must divide by the {dist.world_size} ranks")
+    seed_everything(int(cfg.seed))
+
+    task: Task = get_class(cfg.task._target_)(cfg.task)
+    task.setup(dist)
+    model = task.build_model().to(device)
+    if tr.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optim, model, task.optimizer_groups(model))
+
+    per_rank = global_batch // dist.world_size
+    train_loader = task.train_loader(per_rank, dist, int(cfg.seed))
+    eval_loaders = task.eval_loaders(per_rank, dist)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ConfigError("task.data.batch_size",
+                          f"{per_rank} per rank is larger than the training set; no full batch fits")
+    total = int(tr.max_steps) if tr.max_steps is not None else int(tr.max_epochs) * steps_per_epoch
+    scheduler = build_scheduler(tr.schedule, optimizer, steps_per_epoch, total)
+    scaler = torch.amp.GradScaler(device.type, enabled=str(tr.precision) == "fp16")
+
+    train_model = model
+    if dist.enabled:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tr.compile:
+        train_model = torch.compile(train_model)
+
+    ckpt = run_dir / CHECKPOINT
+    if cfg.resume and not ckpt.exists():
+        raise ConfigError("resume", f"no checkpoint at {ckpt}; pass hydra.run.dir=<the run's directory>")
+    resume_step = None
+    if cfg.resume:
+        resume_step = int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
+    recorder = RunRecorder(run_dir, cfg, task.metrics, enabled=dist.is_main, resume_step=resume_step)
+    trainer = Trainer(cfg, run_dir, dist, device, task, model, train_model, optimizer, scheduler, scaler,
+                      train_loader, eval_loaders, steps_per_epoch, total, recorder)
+    if cfg.resume:
+        trainer.load_checkpoint(ckpt)
+        log.info("resumed from %s at step %d", ckpt, trainer.step)
+    barrier()
+    return trainer
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run one (task, optim, seed) cell; returns (and writes) its summary."""
+    trainer = build_trainer(cfg, run_dir)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    common = dict(device=str(trainer.device), world_size=trainer.dist.world_size, model=trainer.task.model_name())
+    extra = {"params": n_params, "primary_metric": next(iter(trainer.task.metrics), None)}
+    trainer.recorder.write_summary(status="running", steps=trainer.step, epoch=trainer.epoch, extra=extra, **common)
+    try:
+        trainer.fit()
+    except BaseException as exc:
+        trainer.recorder.write_summary(status="failed", steps=trainer.step, epoch=trainer.epoch,
+                                       extra=extra, error=str(exc) or type(exc).__name__, **common)
+        raise
+    extra["derived"] = trainer.task.summarize(trainer.recorder.history()) if trainer.dist.is_main else {}
+    return trainer.recorder.write_summary(status="completed", steps=trainer.step, epoch=trainer.epoch,
+                                          extra=extra, **common)
