@@ -19,28 +19,41 @@ from projbench.optim.projection import Projector
 DELTA, EPS = 0.1, 1e-8  # the paper's defaults, for optimizers that have no projection of their own
 
 
-def _records(optimizer: torch.optim.Optimizer) -> list[tuple[list[torch.Tensor], torch.Tensor, float]]:
-    """(weights, projected mask, lr) per param group."""
-    own = getattr(optimizer, "last_projection", None)
-    if own is not None:
-        lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-        return [(r.params, r.projected, lr_of[id(r.params[0])]) for r in own]
+Records = list[tuple[list[torch.Tensor], torch.Tensor]]
+
+
+@torch.no_grad()
+def detect(optimizer: torch.optim.Optimizer) -> Records | None:
+    """Call before `optimizer.step()`: for optimizers without a projection, which weights pass
+    the scale-invariance test on the current gradients (the test needs the pre-step weights).
+    None for SGDP / AdamP, which record what they projected themselves."""
+    if getattr(optimizer, "last_projection", None) is not None:
+        return None
     out = []
     for group in optimizer.param_groups:
         weights = [p for p in group["params"] if p.dim() > 1 and p.grad is not None]
         if weights:
             grads = [p.grad for p in weights]
             _, mask = Projector(weights, DELTA, EPS).coefficients(weights, grads, grads)
-            out.append((weights, mask, group["lr"]))
+            out.append((weights, mask))
     return out
 
 
+def _records(optimizer: torch.optim.Optimizer, detected: Records | None) -> list:
+    """(weights, mask, lr) per param group."""
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    if detected is None:
+        detected = [(r.params, r.projected) for r in optimizer.last_projection]
+    return [(weights, mask, lr_of[id(weights[0])]) for weights, mask in detected]
+
+
 @torch.no_grad()
-def scale_invariance(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """The figure's quantities at this step (reads a few scalars to the host)."""
+def scale_invariance(optimizer: torch.optim.Optimizer, detected: Records | None = None) -> dict[str, float]:
+    """Call after `optimizer.step()`, with what `detect` returned before it: the figure's
+    quantities at this step (reads a few scalars to the host)."""
     numel_all = numel_si = count = 0.0
     norm_sum = eff_sum = 0.0
-    for weights, mask, lr in _records(optimizer):
+    for weights, mask, lr in _records(optimizer, detected):
         norms = torch.stack(torch._foreach_norm(weights)).float()
         numel = torch.tensor([float(w.numel()) for w in weights], device=norms.device)
         m = mask.to(norms.device).float()

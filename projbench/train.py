@@ -222,6 +222,8 @@ class Trainer:
             if tr.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
+            diag_due = bool(tr.diagnostics_every) and (self.step + 1) % tr.diagnostics_every == 0
+            detected = diagnostics.detect(self.optimizer) if diag_due else None
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.step += 1
@@ -230,8 +232,8 @@ class Trainer:
             loss_sum += loss
             losses_in_window += 1
 
-            if tr.diagnostics_every and self.step % tr.diagnostics_every == 0:
-                values = diagnostics.scale_invariance(self.optimizer)
+            if diag_due:
+                values = diagnostics.scale_invariance(self.optimizer, detected)
                 if values:
                     self.recorder.log("diag", values, self.step, self.epoch)
             self.optimizer.zero_grad(set_to_none=True)
@@ -332,6 +334,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         trainer.recorder.write_summary(status="failed", steps=trainer.step, epoch=trainer.epoch,
                                        extra=extra, error=str(exc) or type(exc).__name__, **common)
         raise
-    extra["derived"] = trainer.task.summarize(trainer.recorder.history()) if trainer.dist.is_main else {}
+    if trainer.dist.is_main:
+        history = trainer.recorder.history()
+        extra["derived"] = trainer.task.summarize(history)
+        extra["figures"] = [str(p) for p in trainer.task.write_figures(history, run_dir)]
     return trainer.recorder.write_summary(status="completed", steps=trainer.step, epoch=trainer.epoch,
                                           extra=extra, **common)

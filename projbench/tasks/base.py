@@ -11,6 +11,7 @@ A task owns its data, model, loss and metrics; it never sees the optimizer or th
     loss = task.training_loss(model, batch)                 # per step, on the device
     metrics = task.evaluate(model, loader, device)          # {"top1": 97.1, ...}, reduced over ranks
     extra = task.summarize(history)                         # optional derived summary values
+    task.write_figures(history, run_dir)                    # optional per-run figures
 
 `metrics` declares each metric's direction ("max" or "min"); the first is the primary metric.
 """
@@ -18,6 +19,7 @@ A task owns its data, model, loss and metrics; it never sees the optimizer or th
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,6 +74,10 @@ class Task(ABC):
         """Values derived from the whole metric history (the parsed metrics.jsonl), added to
         summary.json under "derived"."""
         return {}
+
+    def write_figures(self, history: list[dict], run_dir: Path) -> list[Path]:
+        """Figures of this one run, written into its directory at the end (rank 0)."""
+        return []
 
     # Loaders: the default is a (distributed, resumable) shuffled loader over train_dataset();
     # tasks with special batching (class-balanced, token streams) override these.

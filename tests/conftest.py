@@ -1,0 +1,40 @@
+"""Shared test helpers: compose the real Hydra config, run the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = str(ROOT / "conf")
+
+# Small and fast: a few steps of digits at 16x16 with a tiny timm ResNet, no W&B, no progress bar.
+FAST = ["logger=none", "trainer.progress=false", "task.data.image_size=16", "task.model.arch=resnet10t"]
+
+
+def make_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None, runner=None):
+    """`python -m projbench ARGS` (or `runner + ARGS`) in a subprocess; returns CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    cmd = (runner or [sys.executable, "-m", "projbench"]) + args
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture
+def fast():
+    return list(FAST)

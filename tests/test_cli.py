@@ -1,0 +1,77 @@
+"""The command-line contract: Hydra groups, run records, clear errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import FAST, read_summary, run_cli
+
+
+def test_help_and_cfg_job_show_groups(tmp_path):
+    out = run_cli(["--help"], tmp_path)
+    assert out.returncode == 0
+    for group in ("task:", "optim:", "trainer:", "logger:", "paths:"):
+        assert group in out.stdout
+    cfg = run_cli(["task=digits", "optim=adamp", "--cfg", "job"], tmp_path)
+    assert cfg.returncode == 0
+    assert "_target_: projbench.optim.AdamP" in cfg.stdout
+    assert "name: digits" in cfg.stdout
+
+
+def test_unknown_optimizer_lists_valid_ones(tmp_path):
+    out = run_cli(["optim=lamb"], tmp_path)
+    assert out.returncode != 0
+    assert "adamp" in out.stderr and "sgdp" in out.stderr
+
+
+def test_bad_values_fail_fast_with_exit_2_and_no_traceback(tmp_path):
+    for override, key in [("optim.lr=0", "optim.lr"), ("trainer.schedule.name=linear", "trainer.schedule.name"),
+                          ("trainer.precision=fp8", "trainer.precision")]:
+        out = run_cli(FAST + [override, f"hydra.run.dir={tmp_path / key}"], tmp_path)
+        assert out.returncode == 2, (override, out.stderr)
+        assert key in out.stderr
+        assert "Traceback" not in out.stderr
+        assert not (tmp_path / key / "metrics.jsonl").exists(), "training must not start"
+
+
+def test_single_run_writes_its_records(tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_cli(FAST + ["trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_every=4",
+                          "trainer.diagnostics_every=2", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "checkpoint.pt").exists()
+    points = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {p["split"] for p in points} == {"train", "test", "diag"}
+    assert all(set(p) == {"step", "epoch", "split", "name", "value"} for p in points)
+    assert [p["step"] for p in points if p["name"] == "loss" and p["split"] == "train"] == [2, 4]
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed"
+    assert (summary["task"], summary["optim"], summary["seed"]) == ("digits", "sgdp", 0)
+    assert summary["steps"] == 4 and summary["primary_metric"] == "top1"
+    top1 = summary["metrics"]["test/top1"]
+    assert top1["direction"] == "max" and 0 <= top1["final"] <= 100
+    for key in ("git_commit", "torch_version", "device", "wall_seconds", "model"):
+        assert key in summary
+
+
+def test_nan_loss_stops_the_run_and_marks_it_failed(tmp_path):
+    run_dir = tmp_path / "nan"
+    out = run_cli(FAST + ["optim=sgd", "optim.lr=1e12", "trainer.max_steps=30", "trainer.log_every=5",
+                          f"hydra.run.dir={run_dir}"], tmp_path)
+    assert out.returncode == 1
+    assert "at step" in out.stderr
+    summary = read_summary(run_dir)
+    assert summary["status"] == "failed" and "at step" in summary["error"]
+    assert summary["steps"] < 30
+
+
+def test_wandb_offline_run_is_written_under_the_run_dir(tmp_path):
+    run_dir = tmp_path / "wb"
+    args = [a for a in FAST if not a.startswith("logger=")]
+    out = run_cli(args + ["logger=wandb", "trainer.max_steps=2", f"hydra.run.dir={run_dir}"], tmp_path,
+                  env={"WANDB_MODE": "offline"})
+    assert out.returncode == 0, out.stderr
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert offline, list(run_dir.rglob("*"))
+    assert read_summary(run_dir)["status"] == "completed"

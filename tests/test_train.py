@@ -1,0 +1,151 @@
+"""The shared loop: resume after SIGKILL, DDP equals one rank, schedules, diagnostics, seeding."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import FAST, ROOT, make_cfg, read_summary, run_cli
+from projbench import diagnostics
+from projbench.optim import SGDP, build_optimizer
+from projbench.schedules import lr_multiplier
+from projbench.train import train
+
+
+def test_same_seed_same_result_different_seed_differs(tmp_path):
+    args = FAST + ["trainer.max_steps=3", "trainer.eval_every=3"]
+    a = train(make_cfg(args), tmp_path / "a")
+    b = train(make_cfg(args), tmp_path / "b")
+    c = train(make_cfg(args + ["seed=1"]), tmp_path / "c")
+    assert a["metrics"]["test/loss"]["final"] == b["metrics"]["test/loss"]["final"]
+    assert a["metrics"]["test/loss"]["final"] != c["metrics"]["test/loss"]["final"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    args = FAST + ["trainer.max_steps=40", "trainer.ckpt_every=5", "trainer.eval_every=20", "trainer.log_every=5"]
+    full = tmp_path / "full"
+    assert run_cli(args + [f"hydra.run.dir={full}"], tmp_path).returncode == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "projbench", *args, f"hydra.run.dir={killed}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoint.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_summary(killed)["status"] == "running"
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 10 <= killed_at < 40
+
+    out = run_cli(args + [f"hydra.run.dir={killed}", "resume=true"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    a, b = read_summary(full), read_summary(killed)
+    assert b["status"] == "completed" and b["steps"] == 40
+    assert a["metrics"] == b["metrics"]
+    wa = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
+    wb = torch.load(killed / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    steps = [line for line in (killed / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert len(steps) == len(set(steps)), "points after the checkpoint must not be logged twice"
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    out = run_cli(FAST + ["resume=true", f"hydra.run.dir={tmp_path / 'none'}"], tmp_path)
+    assert out.returncode == 2 and "no checkpoint" in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="needs torchrun")
+def test_ddp_two_ranks_match_one_rank(tmp_path):
+    # GroupNorm: BatchNorm statistics are per rank by design, so they would differ from one rank.
+    args = FAST + ["optim=adamp", "trainer.max_steps=6", "trainer.eval_every=6",
+                   "+task.model.kwargs.norm_layer=groupnorm1", "task.data.batch_size=32"]
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    assert run_cli(args + [f"hydra.run.dir={one}"], tmp_path).returncode == 0
+    torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2",
+                "--master_port=29517", "-m", "projbench"]
+    out = run_cli(args + [f"hydra.run.dir={two}"], tmp_path, runner=torchrun, env={"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = read_summary(one), read_summary(two)
+    assert b["world_size"] == 2
+    for key in ("test/top1", "test/loss"):
+        assert b["metrics"][key]["final"] == pytest.approx(a["metrics"][key]["final"], rel=1e-4, abs=1e-4)
+    wa = torch.load(one / "checkpoint.pt", weights_only=True)["model"]
+    wb = torch.load(two / "checkpoint.pt", weights_only=True)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_schedules():
+    cfg = OmegaConf.create({"name": "step", "step_size": 30, "gamma": 0.1, "milestones": [], "warmup_epochs": 0,
+                            "min_lr_ratio": 0.0})
+    assert lr_multiplier(cfg, 29.9, 90) == 1.0
+    assert lr_multiplier(cfg, 30, 90) == pytest.approx(0.1)
+    assert lr_multiplier(cfg, 60, 90) == pytest.approx(0.01)
+    cfg.name, cfg.milestones = "multistep", [10, 15]
+    assert [lr_multiplier(cfg, e, 20) for e in (9, 10, 15)] == pytest.approx([1, 0.1, 0.01])
+    cfg.name, cfg.warmup_epochs = "cosine", 2
+    assert lr_multiplier(cfg, 1, 10) == pytest.approx(0.5)  # half-way through warm-up
+    assert lr_multiplier(cfg, 2, 10) == pytest.approx(1.0)
+    assert lr_multiplier(cfg, 10, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def _bn_net():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, bias=False), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(16 * 6 * 6, 4))
+
+
+def _passes_paper_test(w, g, delta=0.1, eps=1e-8):
+    """The paper's scale-invariance test, written plainly: channel view, then layer view."""
+    for view in (w.reshape(w.size(0), -1), w.reshape(1, -1)):
+        gv = g.reshape(view.shape)
+        cos = torch.nn.functional.cosine_similarity(gv, view, dim=1, eps=eps).abs()
+        if cos.max() < delta / view.size(1) ** 0.5:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("optim", ["sgd", "sgdp"])
+def test_diagnostics_measure_the_scale_invariant_weights(optim):
+    torch.manual_seed(0)
+    net = _bn_net()
+    opt = build_optimizer(make_cfg([f"optim={optim}", "optim.weight_decay=0.01"]).optim, net)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    weights = [net[0].weight, net[4].weight]
+    expected = [_passes_paper_test(w.detach(), w.grad) for w in weights]
+    assert expected[0], "a conv followed by BatchNorm is scale-invariant"
+    detected = diagnostics.detect(opt)
+    assert (detected is None) == (optim == "sgdp")
+    opt.step()
+    values = diagnostics.scale_invariance(opt, detected)
+    numel = torch.tensor([w.numel() for w in weights], dtype=torch.float64)
+    mask = torch.tensor(expected, dtype=torch.float64)
+    norms = torch.stack([w.detach().norm() for w in weights]).double()
+    assert values["projected_fraction"] == pytest.approx(float((numel * mask).sum() / numel.sum()))
+    assert values["weight_norm"] == pytest.approx(float((norms * mask).sum() / mask.sum()), rel=1e-5)
+    assert values["effective_step"] == pytest.approx(float((0.1 / norms**2 * mask).sum() / mask.sum()), rel=1e-5)
+
+
+def test_no_decay_bias_norm_groups():
+    net = _bn_net()
+    cfg = make_cfg(["optim=adamw", "optim.no_decay_bias_norm=true"]).optim
+    opt = build_optimizer(cfg, net)
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() > 1 for p in decay["params"]) and decay["weight_decay"] == cfg.weight_decay
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert len(build_optimizer(make_cfg(["optim=adamw"]).optim, net).param_groups) == 1
