@@ -28,8 +28,19 @@ class DistInfo:
         return self.world_size > 1
 
 
+def _export_slurm_environment() -> None:
+    """Under SLURM with several tasks (hydra/launcher=slurm) and no torchrun, derive RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from the SLURM variables (submitit)."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def init_distributed(device_kind: str) -> DistInfo:
-    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA)."""
+    """Join the process group torchrun (or SLURM via submitit) set up: gloo on CPU, nccl on CUDA."""
+    _export_slurm_environment()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()

@@ -269,9 +269,9 @@ class Trainer:
 def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     validate_config(cfg)
     tr = cfg.trainer
-    dist_probe = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(tr.device, dist_probe)
-    dist = init_distributed(device.type)
+    kind = resolve_device(tr.device, 0).type
+    dist = init_distributed(kind)
+    device = resolve_device(tr.device, dist.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
