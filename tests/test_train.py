@@ -149,3 +149,13 @@ def test_no_decay_bias_norm_groups():
     assert all(p.dim() > 1 for p in decay["params"]) and decay["weight_decay"] == cfg.weight_decay
     assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
     assert len(build_optimizer(make_cfg(["optim=adamw"]).optim, net).param_groups) == 1
+
+
+@pytest.mark.parametrize("switches", [
+    ["trainer.channels_last=true", "trainer.precision=bf16", "trainer.grad_clip=1.0", "optim=adamp"],
+    ["trainer.precision=fp16", "optim=sgdp", "trainer.schedule.name=step", "trainer.schedule.step_size=1"],
+])
+def test_loop_switches_run(tmp_path, switches):
+    out = train(make_cfg(FAST + ["trainer.max_steps=3", "trainer.eval_every=3"] + switches), tmp_path)
+    assert out["status"] == "completed" and out["steps"] == 3
+    assert 0 <= out["metrics"]["test/top1"]["final"] <= 100
