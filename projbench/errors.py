@@ -17,7 +17,14 @@ class ConfigError(UserError):
 class DataError(UserError):
     """A missing or malformed data set; the message names the path and what was expected."""
 
-    def __init__(self, path, message: str, hint: str | None = None):
+    def __init__(self, path, message: str | None = None, hint: str | None = None):
+        if message is None:
+            # Rebuilt from its text alone: torch re-raises a DataLoader worker's exception that way,
+            # with the worker's traceback in front; keep the original one-line message.
+            text = str(path).rstrip().splitlines()[-1] if str(path).strip() else ""
+            super().__init__(text.split("DataError: ", 1)[-1])
+            self.path = None
+            return
         text = f"{path}: {message}"
         if hint:
             text += f". {hint}"

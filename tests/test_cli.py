@@ -75,3 +75,23 @@ def test_wandb_offline_run_is_written_under_the_run_dir(tmp_path):
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline, list(run_dir.rglob("*"))
     assert read_summary(run_dir)["status"] == "completed"
+
+
+def test_data_error_from_a_loader_worker_keeps_its_one_line_message():
+    from torch.utils.data import DataLoader, Dataset
+
+    from projbench.errors import DataError
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise DataError("/data/clip.wav", "unreadable", "check the file")
+
+    try:
+        next(iter(DataLoader(Broken(), num_workers=1)))
+    except DataError as exc:
+        assert str(exc) == "/data/clip.wav: unreadable. check the file"
+    else:
+        raise AssertionError("the worker's DataError was not re-raised as a DataError")
