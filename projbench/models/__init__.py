@@ -1,0 +1,6 @@
+"""Models that timm / torchvision do not have, one module each."""
+
+from projbench.models.harmonic_cnn import HarmonicCNN
+from projbench.models.transformer_xl import TransformerXL
+
+__all__ = ["HarmonicCNN", "TransformerXL"]
