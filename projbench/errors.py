@@ -22,7 +22,7 @@ class DataError(UserError):
             # Rebuilt from its text alone: torch re-raises a DataLoader worker's exception that way,
             # with the worker's traceback in front; keep the original one-line message.
             text = str(path).rstrip().splitlines()[-1] if str(path).strip() else ""
-            super().__init__(text.split("DataError: ", 1)[-1])
+            super().__init__(text.split(f"{type(self).__name__}: ", 1)[-1])
             self.path = None
             return
         text = f"{path}: {message}"

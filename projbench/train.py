@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from projbench import diagnostics
-from projbench.distributed import DistInfo, barrier, init_distributed
+from projbench.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from projbench.errors import ConfigError, NonFiniteLossError
 from projbench.optim import build_optimizer
 from projbench.optim.factory import check_optim_config
@@ -275,6 +275,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
+    # Every torchrun rank resolves ${now:...} itself; all ranks use rank 0's run directory so that
+    # checkpoints (resume=true) and fixtures are found in one place.
+    run_dir = Path(broadcast_object(str(run_dir)))
     global_batch = int(cfg.task.data.batch_size)
     if global_batch % dist.world_size:
         raise ConfigError("task.data.batch_size",
@@ -337,6 +340,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if trainer.dist.is_main:
         history = trainer.recorder.history()
         extra["derived"] = trainer.task.summarize(history)
-        extra["figures"] = [str(p) for p in trainer.task.write_figures(history, run_dir)]
+        extra["figures"] = [str(p) for p in trainer.task.write_figures(history, trainer.run_dir)]
     return trainer.recorder.write_summary(status="completed", steps=trainer.step, epoch=trainer.epoch,
                                           extra=extra, **common)

@@ -74,12 +74,16 @@ def test_ddp_two_ranks_match_one_rank(tmp_path):
     args = FAST + ["optim=adamp", "trainer.max_steps=6", "trainer.eval_every=6",
                    "+task.model.kwargs.norm_layer=groupnorm1", "task.data.batch_size=32"]
     one = tmp_path / "one"
-    two = tmp_path / "two"
     assert run_cli(args + [f"hydra.run.dir={one}"], tmp_path).returncode == 0
     torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2",
                 "--master_port=29517", "-m", "projbench"]
-    out = run_cli(args + [f"hydra.run.dir={two}"], tmp_path, runner=torchrun, env={"OMP_NUM_THREADS": "1"})
+    # No hydra.run.dir: each rank resolves the timestamped default itself; rank 0's must be used.
+    out = run_cli(args, tmp_path, runner=torchrun, env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
+    summaries = list((tmp_path / "outputs").rglob("summary.json"))
+    assert len(summaries) == 1, summaries
+    two = summaries[0].parent
+    assert (two / "checkpoint.pt").exists()
     a, b = read_summary(one), read_summary(two)
     assert b["world_size"] == 2
     for key in ("test/top1", "test/loss"):
