@@ -1,0 +1,115 @@
+"""Class-folder image data sets (ImageNet-1k's layout), read with torchvision's ImageFolder:
+
+    <root>/train/<wnid>/*.JPEG
+    <root>/val/<wnid>/*.JPEG       (the official flat val archive sorted into class folders)
+
+`read_split` checks the layout before anything trains and turns every problem into a DataError
+that names the path and what was expected. A file that cannot be decoded shows up only when it
+is read; `on_bad_image` decides what happens then:
+
+  raise  BadImageError (a DataError) naming the file; the run stops with exit code 2.
+  skip   a warning naming the file (logged once per file in each loader process), and the next
+         readable sample of the split (index + 1, + 2, ...) takes its place, so batches keep
+         their size. More than MAX_CONSECUTIVE_BAD unreadable files in a row raise instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+from projbench.errors import DataError
+
+log = logging.getLogger(__name__)
+
+ON_BAD_IMAGE = ("skip", "raise")
+MAX_CONSECUTIVE_BAD = 10
+# What PIL raises on a truncated, corrupt or vanished file (UnidentifiedImageError is an OSError).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class BadImageError(DataError):
+    """An image file that cannot be decoded (task.data.on_bad_image=raise)."""
+
+    def __init__(self, path, message: str | None = None):
+        if message is None:
+            # Rebuilt from a DataLoader worker's text (see DataError), whose last line starts with
+            # this class's name rather than "DataError: ".
+            text = str(path).rstrip().splitlines()[-1] if str(path).strip() else ""
+            super().__init__(text.split(f"{type(self).__name__}: ", 1)[-1])
+            return
+        super().__init__(path, message, "Replace or delete the file, or set task.data.on_bad_image=skip")
+
+
+def open_rgb(path: str) -> Image.Image:
+    """The decoded RGB image (PIL decodes lazily; convert() forces the whole file to be read)."""
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+class ImageFolderSplit(ImageFolder):
+    """torchvision's ImageFolder with a fixed class -> index map (so val uses train's indices)
+    and the `on_bad_image` policy described in the module docstring."""
+
+    def __init__(self, root: Path, transform: Callable | None = None, on_bad_image: str = "skip",
+                 class_to_idx: dict[str, int] | None = None):
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
+        self._fixed_class_to_idx = class_to_idx
+        self.on_bad_image = on_bad_image
+        self._reported: set[str] = set()
+        super().__init__(str(root), transform=transform, loader=open_rgb)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        if self._fixed_class_to_idx is None:
+            return super().find_classes(directory)
+        mapping = dict(self._fixed_class_to_idx)
+        return sorted(mapping, key=mapping.get), mapping
+
+    def __getitem__(self, index: int):
+        for attempt in range(MAX_CONSECUTIVE_BAD + 1):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                image = self.loader(path)
+            except DECODE_ERRORS as exc:
+                if self.on_bad_image == "raise":
+                    raise BadImageError(path, f"cannot be decoded as an image ({exc})") from None
+                if path not in self._reported:
+                    self._reported.add(path)
+                    log.warning("%s: cannot be decoded as an image (%s); skipped, the next sample is used instead",
+                                path, exc)
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            if self.target_transform is not None:
+                target = self.target_transform(target)
+            return image, target
+        raise DataError(self.root, f"{MAX_CONSECUTIVE_BAD + 1} image files in a row, from "
+                                   f"{self.samples[index][0]} on, cannot be decoded; is the data set intact?")
+
+
+def read_split(root: Path, split: str, transform: Callable | None = None, on_bad_image: str = "skip",
+               class_to_idx: dict[str, int] | None = None, hint: str | None = None) -> ImageFolderSplit:
+    """The class folders under `root/split`, checked: the folder exists, holds class folders, and
+    every class has at least one image. With `class_to_idx` (the training split's), the split's
+    class folders must be among those classes and get the same indices."""
+    directory = Path(root) / split
+    expected = f"class folders {directory}/<class>/<image> (e.g. ImageNet's {split}/n01440764/*.JPEG)"
+    if not directory.is_dir():
+        raise DataError(directory, f"not found; expected {expected}", hint)
+    found = sorted(entry.name for entry in directory.iterdir() if entry.is_dir())
+    if not found:
+        raise DataError(directory, f"holds no class folders; expected {expected}", hint)
+    if class_to_idx is not None:
+        unknown = sorted(set(found) - set(class_to_idx))
+        if unknown:
+            raise DataError(directory, f"class folders {unknown[:5]}{' ...' if len(unknown) > 5 else ''} "
+                                       f"({len(unknown)} in all) are not among the training classes", hint)
+    try:
+        return ImageFolderSplit(directory, transform, on_bad_image, class_to_idx)
+    except FileNotFoundError as exc:  # a class folder without one file of an image extension
+        raise DataError(directory, str(exc).strip(), hint) from None
