@@ -35,6 +35,13 @@ def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-@pytest.fixture
-def fast():
-    return list(FAST)
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """In-process training tests use one intra-op thread: their models are tiny, and on a
+    2-core machine that also runs subprocess tests, two threads oversubscribe the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -90,11 +90,14 @@ class Task(ABC):
     def train_loader(self, batch_size: int, dist: DistInfo, seed: int) -> DataLoader:
         dataset = self.train_dataset()
         sampler = ResumableSampler(dataset, dist, shuffle=True, seed=seed, drop_last=True)
+        # Its own generator (the loop reseeds it each epoch from seed and epoch): creating an
+        # iterator must not draw from the global RNG, or a resumed run's augmentations would differ.
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                          **self.loader_kwargs())
+                          generator=torch.Generator(), **self.loader_kwargs())
 
     def eval_loaders(self, batch_size: int, dist: DistInfo) -> dict[str, DataLoader]:
         return {
-            split: DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(ds, dist), **self.loader_kwargs())
+            split: DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(ds, dist),
+                              generator=torch.Generator().manual_seed(0), **self.loader_kwargs())
             for split, ds in self.eval_datasets().items()
         }
