@@ -4,6 +4,7 @@ record of which weights were projected at the last step (for diagnostics, kept a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -37,6 +38,23 @@ class ProjectedOptimizer(Optimizer):
         super().__setstate__(state)
         self._projectors = {}
         self.last_projection = []
+
+    def load_state_dict(self, state_dict):
+        """As torch's, but keeps the float32 state of float16/bfloat16 weights float32.
+
+        torch.optim casts every floating-point state tensor to its parameter's dtype on load, which
+        would turn that state into half precision; the saved values are put back instead.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for param_id, p in zip(saved_ids, params):
+            dtype = _compute_dtype(p)
+            if dtype == p.dtype or param_id not in state_dict["state"]:
+                continue
+            for key, value in state_dict["state"][param_id].items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -96,7 +114,8 @@ class ProjectedOptimizer(Optimizer):
             coef, projected = projector.coefficients(weights, [grads[i] for i in multi], [updates[i] for i in multi])
             self.last_projection.append(ProjectionRecord(weights, projected, projector.layout.numel))
             if wd > 0:
-                ratio = torch.where(projected, coef.new_tensor(wd_ratio), 1.0)  # in coef's dtype
+                # new_full fills on the device; new_tensor would be a blocking host-to-device copy
+                ratio = torch.where(projected, coef.new_full((), wd_ratio), 1.0)  # in coef's dtype
                 decay = (1 - lr * wd * ratio / decay_divisor)[projector.layout.row_param]
             else:
                 decay = torch.ones_like(coef)
@@ -105,7 +124,8 @@ class ProjectedOptimizer(Optimizer):
                 d = projector.broadcast(decay, k, params[i])
                 if project_updates_in_place:
                     updates[i].addcmul_(params[i], c, value=-1)
-                    params[i].mul_(d)
+                    if wd > 0:  # d is 1 otherwise: skip a pass over the weight
+                        params[i].mul_(d)
                 else:
                     # w * d - s * (u - c * w) == w * (d + s * c) - s * u
                     params[i].mul_(d + step_sizes[i] * c)

@@ -4,8 +4,9 @@ The official `adamp` 0.3.0 code loops over parameters in Python, reshapes with `
 fails on channels_last weights) and decides `if cos.max() < delta / sqrt(n)` on the host, which
 synchronises with the device once per parameter per step. Here the decision is a boolean tensor:
 
-* per-row statistics (g.w, ||g||, ||w||, w.u) of every eligible parameter are written by `vecdot` into
-  slices of one preallocated vector (zero-copy row views, also for channels_last weights),
+* per-row statistics (g.w, ||g||, ||w||, w.u) of every eligible parameter are written by
+  `vector_norm` and by a product-and-row-sum into slices of one preallocated vector (zero-copy row
+  views, also for channels_last weights),
 * the channel-view test (max over a parameter's rows) and the layer-view test (sums over its
   rows) are a handful of batched ops on those vectors,
 * the result is a per-row coefficient `c` such that the projected update is `u - c * w`
@@ -63,6 +64,7 @@ class _Layout:
     thr_layer: Tensor  # (P,) delta / sqrt(numel)
     numel: Tensor  # (P,) elements per parameter (float, for diagnostics)
     stats: Tensor  # (4, R) workspace: g.w, ||g||, ||w||, w.u per row
+    max_numel: int  # elements of the largest parameter
 
 
 def _build_layout(params: list[Tensor], delta: float) -> _Layout:
@@ -81,6 +83,7 @@ def _build_layout(params: list[Tensor], delta: float) -> _Layout:
         thr_layer=torch.tensor([delta / math.sqrt(p.numel()) for p in params], dtype=dtype, device=device),
         numel=torch.tensor([float(p.numel()) for p in params], device=device),
         stats=torch.empty(4, starts[-1], dtype=dtype, device=device),
+        max_numel=max(p.numel() for p in params),
     )
 
 
@@ -108,14 +111,17 @@ class Projector:
         per-parameter mask of parameters that were projected (channel or layer view)."""
         lay, eps = self.layout, self.eps
         gw, g_norm, w_norm, wu = lay.stats
+        # Row dot products are a product then a row sum (as in torch.linalg.vecdot); the products
+        # go to one scratch buffer per step instead of a fresh tensor per parameter and dot.
+        scratch = lay.stats.new_empty(lay.max_numel)
         for w, g, u, rows in zip(weights, grads, updates, lay.row_slices):
             w2 = _rows_in(w, w)
             g2 = _rows_in(g, w)
-            # vector_norm reads its input once and allocates nothing; vecdot multiplies first.
+            prod = scratch[: w2.numel()].view(w2.shape)
             torch.linalg.vector_norm(g2, dim=1, out=g_norm[rows])
             torch.linalg.vector_norm(w2, dim=1, out=w_norm[rows])
-            torch.linalg.vecdot(g2, w2, dim=1, out=gw[rows])
-            torch.linalg.vecdot(w2, _rows_in(u, w), dim=1, out=wu[rows])
+            torch.sum(torch.mul(g2, w2, out=prod), dim=1, out=gw[rows])
+            torch.sum(torch.mul(w2, _rows_in(u, w), out=prod), dim=1, out=wu[rows])
 
         n_params = lay.thr_layer.numel()
         idx = lay.row_param

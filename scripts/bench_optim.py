@@ -1,0 +1,226 @@
+"""Time one optimizer `step()` on torchvision ResNet parameters: ours vs official adamp vs timm vs torch.
+
+    .venv/bin/python scripts/bench_optim.py --device cpu --out results/bench_optim.md
+
+Every optimizer gets its own copy of the model's parameters and the same fixed random gradients
+(normal, scale 1e-3). All optimizers run in one process, interleaved round-robin: each round does
+one step of every optimizer (the starting optimizer rotates from round to round), after a few
+warmup rounds; the reported time is the median over rounds. On CUDA, `torch.cuda.synchronize()`
+brackets every timed step.
+
+Two kinds of gradient (`--grads`, both by default, one table each):
+* `random`: as drawn; the projection test mostly fails, so the official code skips the projection
+  arithmetic (its cheapest case).
+* `invariant`: each conv weight's gradient has its component along each filter removed, as in a
+  real ResNet (every conv is followed by BatchNorm, so its gradient is orthogonal to each filter):
+  SGDP/AdamP take the projection branch for every conv weight, as they do in training.
+Ours does the same work in both cases (the decision is a tensor, both branches are computed).
+
+Timings are wall-clock by default. On a shared machine other processes inflate and scatter them
+(the p25-p75 column shows how much; the load average before and after is recorded);
+`--clock cpu` times the process's CPU time instead (all its threads: steadier under load, but it
+counts the threads' spin-waiting too, so compare it only with itself).
+
+Families and their baselines: the SGD family (momentum 0.9, no Nesterov, weight decay 1e-4) is
+compared with torch.optim.SGD(foreach=True); the Adam family (lr 1e-3, betas (0.9, 0.999),
+weight decay 1e-2, decoupled) with torch.optim.AdamW(foreach=True), and also with the fused
+versions on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+
+import adamp
+import timm
+import timm.optim
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import projbench.optim as ours  # noqa: E402
+
+SGD_KW = dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4)
+ADAM_KW = dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-2)
+
+
+@dataclass
+class Entry:
+    name: str
+    family: str  # "SGD" or "Adam"
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    role: str = ""  # "baseline", "fused", "official", "ours" or ""
+
+
+def entries(device: str) -> list[Entry]:
+    cuda = device == "cuda"
+    out = [
+        Entry("torch SGD foreach", "SGD", lambda p: torch.optim.SGD(p, foreach=True, **SGD_KW), "baseline"),
+    ]
+    if cuda:
+        out.append(Entry("torch SGD fused", "SGD", lambda p: torch.optim.SGD(p, fused=True, **SGD_KW), "fused"))
+    out += [
+        Entry("adamp.SGDP 0.3.0 (official)", "SGD", lambda p: adamp.SGDP(p, **SGD_KW), "official"),
+        Entry(f"timm.optim.SGDP {timm.__version__}", "SGD", lambda p: timm.optim.SGDP(p, **SGD_KW)),
+        Entry("projbench SGDP (ours)", "SGD", lambda p: ours.SGDP(p, **SGD_KW), "ours"),
+        Entry("torch AdamW foreach", "Adam", lambda p: torch.optim.AdamW(p, foreach=True, **ADAM_KW), "baseline"),
+    ]
+    if cuda:
+        out.append(Entry("torch AdamW fused", "Adam", lambda p: torch.optim.AdamW(p, fused=True, **ADAM_KW), "fused"))
+    out += [
+        Entry("adamp.AdamP 0.3.0 (official)", "Adam", lambda p: adamp.AdamP(p, **ADAM_KW), "official"),
+        Entry(f"timm.optim.AdamP {timm.__version__}", "Adam", lambda p: timm.optim.AdamP(p, **ADAM_KW)),
+        Entry("projbench AdamP (ours)", "Adam", lambda p: ours.AdamP(p, **ADAM_KW), "ours"),
+    ]
+    return out
+
+
+def make_grads(model: torch.nn.Module, mode: str, generator: torch.Generator) -> list[torch.Tensor]:
+    grads = []
+    for p in model.parameters():
+        g = torch.randn(p.shape, generator=generator, dtype=p.dtype) * 1e-3
+        if mode == "invariant" and p.dim() == 4:
+            w, rows = p.detach().cpu().reshape(p.size(0), -1), g.reshape(p.size(0), -1)
+            rows -= w * ((rows * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True))
+        grads.append(g.to(p.device))
+    return grads
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_model(arch: str, device: str, rounds: int, warmup: int, grads_mode: str,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)().to(device)
+    grads = make_grads(model, grads_mode, torch.Generator().manual_seed(1))
+    optimizers = []
+    for entry in entries(device):
+        params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizers.append((entry, entry.make(params)))
+    del model
+    times: dict[str, list[float]] = {e.name: [] for e, _ in optimizers}
+    for r in range(warmup + rounds):
+        shift = r % len(optimizers)
+        for entry, opt in optimizers[shift:] + optimizers[:shift]:
+            sync(device)
+            t0 = clock()
+            opt.step()
+            sync(device)
+            if r >= warmup:
+                times[entry.name].append((clock() - t0) * 1e3)
+    return times
+
+
+def table(times: dict[str, list[float]], device: str) -> tuple[list[str], list[str]]:
+    """Markdown table rows and summary lines for one model."""
+    es = entries(device)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    by_role = {(e.family, e.role): e.name for e in es if e.role}
+    cuda = device == "cuda"
+    head = "| optimizer | median ms | p25-p75 ms | vs torch foreach |" + (" vs torch fused |" if cuda else "")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for e in es:
+        q = statistics.quantiles(times[e.name], n=4, method="inclusive")
+        row = (f"| {e.name} | {med[e.name]:.1f} | {q[0]:.1f}-{q[2]:.1f} "
+               f"| {med[e.name] / med[by_role[(e.family, 'baseline')]]:.2f}x |")
+        if cuda:
+            row += f" {med[e.name] / med[by_role[(e.family, 'fused')]]:.2f}x |"
+        rows.append(row)
+    summary = []
+    for family in ("SGD", "Adam"):
+        official, mine = med[by_role[(family, "official")]], med[by_role[(family, "ours")]]
+        summary.append(f"{family} family: official / ours = {official / mine:.2f}x")
+    return rows, summary
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1 / 5 / 15 min)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--models", default="resnet50,resnet18", help="comma-separated torchvision model names")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds (one step of each optimizer per round)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--grads", default="random,invariant", help="comma-separated: random, invariant")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: time.perf_counter; cpu: time.process_time (CPU only)")
+    parser.add_argument("--out", type=Path, default=None, help="write a markdown report here")
+    parser.add_argument("--append", action="store_true", help="add this run's report to --out instead of replacing it")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    if args.clock == "cpu" and args.device == "cuda":
+        parser.error("--clock cpu measures host CPU time: use it with --device cpu")
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    grad_modes = args.grads.split(",")
+    if not set(grad_modes) <= {"random", "invariant"}:
+        parser.error(f"--grads: unknown kind in {args.grads!r}")
+
+    machine = [
+        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- command: `{shlex.join(sys.orig_argv)}`",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}",
+        f"- torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
+        f"adamp {importlib.metadata.version('adamp')}, Python {platform.python_version()}",
+    ]
+    if args.device == "cuda":
+        machine.append(f"- GPU: {torch.cuda.get_device_name()}")
+    machine.append(f"- device {args.device}, float32 parameters, {args.warmup} warmup + {args.rounds} timed rounds, "
+                   f"gradients normal, scale 1e-3, {args.clock}-clock time")
+    machine.append(f"- load average before: {load()}")
+    print("\n".join(machine), flush=True)
+
+    report = ["# Optimizer step time", "", *machine, ""]
+    for arch in args.models.split(","):
+        n_params = sum(p.numel() for p in getattr(torchvision.models, arch)().parameters())
+        for mode in grad_modes:
+            times = bench_model(arch, args.device, args.rounds, args.warmup, mode, clock)
+            rows, summary = table(times, args.device)
+            title = f"## {arch} ({n_params / 1e6:.1f}M parameters), {mode} gradients: ms per step()"
+            print("\n" + title, *rows, *summary, sep="\n", flush=True)
+            report += [title, "", *rows, "", *[f"- {s}" for s in summary], ""]
+    report.append(f"Load average after: {load()}")
+    print(report[-1])
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        text = "\n".join(report) + "\n"
+        if args.append and args.out.exists():
+            text = args.out.read_text() + "\n" + text
+        args.out.write_text(text)
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
