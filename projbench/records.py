@@ -192,6 +192,6 @@ class RunRecorder:
         }
         if self.enabled:
             write_json_atomic(self.run_dir / "summary.json", summary)
-            if self.wandb is not None:
+            if self.wandb is not None and status != "running":
                 self.wandb.finish(summary)
         return summary

@@ -74,6 +74,7 @@ def test_wandb_offline_run_is_written_under_the_run_dir(tmp_path):
     assert out.returncode == 0, out.stderr
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline, list(run_dir.rglob("*"))
+    assert "W&B" not in out.stderr, out.stderr[-2000:]  # it started, logged and finished cleanly
     assert read_summary(run_dir)["status"] == "completed"
 
 
