@@ -35,14 +35,6 @@ TINY = ["task.model.n_fft=256", "task.model.n_harmonic=3", "task.model.semitone_
         "task.model.dropout=0", "task.data.crop_seconds=0.5", "task.data.eval_seconds=1.0", "task.data.num_workers=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are tiny: on a shared CPU, a second OpenMP thread only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:

@@ -36,15 +36,6 @@ def ready_task(cfg) -> ImageNetTask:
     return task
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core test machines, torch's OpenMP threads otherwise
-    spin against other processes and the training tests run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:

@@ -38,15 +38,6 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def one_thread():
-    """Training tests on one intra-op thread: on a shared 2-core machine two threads mostly
-    spin-wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def copy_fixture(data_dir: Path, layout: str, tmp_path: Path) -> Path:
     import shutil
@@ -257,8 +248,7 @@ def test_pretrained_trunk_weights_load_from_a_local_file(data_dir, tmp_path):
 
 # -- training ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("task_name,loss", [("cub", "triplet"), ("cars196", "proxyanchor")])
-def test_a_few_steps_of_fine_tuning_learn_and_retrieve_above_chance(task_name, loss, data_dir, tmp_path,
-                                                                  one_thread):
+def test_a_few_steps_of_fine_tuning_learn_and_retrieve_above_chance(task_name, loss, data_dir, tmp_path):
     """Chance: with every test image a query against the 47 others, a random top neighbour has the
     query's class (5 of them) with probability 5/47, about 10.6%. An untrained trunk already ranks
     above chance on the fixture (the class colour shows in the pooled features) and 48 queries
@@ -278,7 +268,7 @@ def test_a_few_steps_of_fine_tuning_learn_and_retrieve_above_chance(task_name, l
     assert recall[1] <= recall[2] <= recall[4] <= recall[8]
 
 
-def test_resume_mid_epoch_matches_an_uninterrupted_run(data_dir, tmp_path, one_thread):
+def test_resume_mid_epoch_matches_an_uninterrupted_run(data_dir, tmp_path):
     """ProxyAnchor: the proxies and their optimizer state come back from the checkpoint, and the
     shuffled batches and their augmentations continue where they stopped (step 3 of 2-step epochs)."""
     common = ["task.data.batch_size=24", "trainer.schedule.name=constant", "trainer.log_every=1",

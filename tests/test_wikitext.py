@@ -27,14 +27,6 @@ TINY = ["task=wikitext", "logger=none", "trainer.progress=false", "task.data.fix
         "task.data.eval_tgt_len=16", "task.data.eval_batch_size=2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices on a shared 2-core machine: one intra-op thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
