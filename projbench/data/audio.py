@@ -38,7 +38,7 @@ import torch
 import torchaudio.functional as AF
 from torch.utils.data import Dataset
 
-from projbench.errors import DataError, UserError
+from projbench.errors import DataError
 
 # The 17 classes of DCASE 2017 Task 4, spelled as the label files spell them: the 9 warning
 # sounds, then the 8 vehicle sounds (the task's own grouping and order).
@@ -76,12 +76,8 @@ class UnreadableAudioError(DataError):
     DataError naming the file rather than a RuntimeError."""
 
     def __init__(self, path, message: str | None = None):
-        if message is None:
-            text = str(path).rstrip().splitlines()[-1]  # the worker traceback's last line
-            UserError.__init__(self, text.split(f"{type(self).__name__}: ", 1)[-1])
-            self.path = None
-            return
-        super().__init__(path, message, "Replace or delete the file (and its label lines)")
+        # message None: rebuilt from a DataLoader worker's text, which DataError handles.
+        super().__init__(path, message, "Replace or delete the file (and its label lines)" if message else None)
 
 
 # -- loading ----------------------------------------------------------------------------------

@@ -36,13 +36,9 @@ class BadImageError(DataError):
     """An image file that cannot be decoded (task.data.on_bad_image=raise)."""
 
     def __init__(self, path, message: str | None = None):
-        if message is None:
-            # Rebuilt from a DataLoader worker's text (see DataError), whose last line starts with
-            # this class's name rather than "DataError: ".
-            text = str(path).rstrip().splitlines()[-1] if str(path).strip() else ""
-            super().__init__(text.split(f"{type(self).__name__}: ", 1)[-1])
-            return
-        super().__init__(path, message, "Replace or delete the file, or set task.data.on_bad_image=skip")
+        # message None: rebuilt from a DataLoader worker's text, which DataError handles.
+        hint = "Replace or delete the file, or set task.data.on_bad_image=skip" if message else None
+        super().__init__(path, message, hint)
 
 
 def open_rgb(path: str) -> Image.Image:
