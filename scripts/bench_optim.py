@@ -65,25 +65,24 @@ class Entry:
 
 
 def entries(device: str) -> list[Entry]:
-    cuda = device == "cuda"
-    out = [
-        Entry("torch SGD foreach", "SGD", lambda p: torch.optim.SGD(p, foreach=True, **SGD_KW), "baseline"),
+    """Per family: torch's foreach baseline (and fused on CUDA), the official, timm's and ours."""
+    families = [
+        ("SGD", torch.optim.SGD, "SGDP", adamp.SGDP, timm.optim.SGDP, ours.SGDP, SGD_KW),
+        ("Adam", torch.optim.AdamW, "AdamP", adamp.AdamP, timm.optim.AdamP, ours.AdamP, ADAM_KW),
     ]
-    if cuda:
-        out.append(Entry("torch SGD fused", "SGD", lambda p: torch.optim.SGD(p, fused=True, **SGD_KW), "fused"))
-    out += [
-        Entry("adamp.SGDP 0.3.0 (official)", "SGD", lambda p: adamp.SGDP(p, **SGD_KW), "official"),
-        Entry(f"timm.optim.SGDP {timm.__version__}", "SGD", lambda p: timm.optim.SGDP(p, **SGD_KW)),
-        Entry("projbench SGDP (ours)", "SGD", lambda p: ours.SGDP(p, **SGD_KW), "ours"),
-        Entry("torch AdamW foreach", "Adam", lambda p: torch.optim.AdamW(p, foreach=True, **ADAM_KW), "baseline"),
-    ]
-    if cuda:
-        out.append(Entry("torch AdamW fused", "Adam", lambda p: torch.optim.AdamW(p, fused=True, **ADAM_KW), "fused"))
-    out += [
-        Entry("adamp.AdamP 0.3.0 (official)", "Adam", lambda p: adamp.AdamP(p, **ADAM_KW), "official"),
-        Entry(f"timm.optim.AdamP {timm.__version__}", "Adam", lambda p: timm.optim.AdamP(p, **ADAM_KW)),
-        Entry("projbench AdamP (ours)", "Adam", lambda p: ours.AdamP(p, **ADAM_KW), "ours"),
-    ]
+    out = []
+    for family, base, name, official, timm_cls, our_cls, kw in families:
+        torch_name = base.__name__
+        out.append(Entry(f"torch {torch_name} foreach", family,
+                         lambda p, base=base, kw=kw: base(p, foreach=True, **kw), "baseline"))
+        if device == "cuda":
+            out.append(Entry(f"torch {torch_name} fused", family,
+                             lambda p, base=base, kw=kw: base(p, fused=True, **kw), "fused"))
+        out += [
+            Entry(f"adamp.{name} 0.3.0 (official)", family, lambda p, c=official, kw=kw: c(p, **kw), "official"),
+            Entry(f"timm.optim.{name} {timm.__version__}", family, lambda p, c=timm_cls, kw=kw: c(p, **kw)),
+            Entry(f"projbench {name} (ours)", family, lambda p, c=our_cls, kw=kw: c(p, **kw), "ours"),
+        ]
     return out
 
 
