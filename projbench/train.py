@@ -156,8 +156,8 @@ class Trainer:
         torch.save(state, tmp)
         os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
-    def load_checkpoint(self, path: Path) -> int:
-        state = torch.load(path, map_location=self.device, weights_only=True)
+    def load_checkpoint(self, state: dict) -> int:
+        """Restore everything `save_checkpoint` wrote (`state`: the loaded checkpoint)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -193,7 +193,9 @@ class Trainer:
             if getattr(loader, "generator", None) is not None:
                 loader.generator.manual_seed(seed * 1_000_003 + epoch)
             skip = offset
-            if offset and hasattr(sampler, "set_start"):
+            # Start part-way through the epoch in the sampler when it can (no batches are loaded
+            # and dropped); a loader with a batch sampler (batch_size None) skips batches instead.
+            if offset and hasattr(sampler, "set_start") and loader.batch_size is not None:
                 sampler.set_start(offset * loader.batch_size)
                 skip = 0
             for i, batch in enumerate(loader):
@@ -311,14 +313,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     ckpt = run_dir / CHECKPOINT
     if cfg.resume and not ckpt.exists():
         raise ConfigError("resume", f"no checkpoint at {ckpt}; pass hydra.run.dir=<the run's directory>")
-    resume_step = None
-    if cfg.resume:
-        resume_step = int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
+    state = torch.load(ckpt, map_location=device, weights_only=True) if cfg.resume else None
+    resume_step = int(state["step"]) if state is not None else None
     recorder = RunRecorder(run_dir, cfg, task.metrics, enabled=dist.is_main, resume_step=resume_step)
     trainer = Trainer(cfg, run_dir, dist, device, task, model, train_model, optimizer, scheduler, scaler,
                       train_loader, eval_loaders, steps_per_epoch, total, recorder)
-    if cfg.resume:
-        trainer.load_checkpoint(ckpt)
+    if state is not None:
+        trainer.load_checkpoint(state)
         log.info("resumed from %s at step %d", ckpt, trainer.step)
     barrier()
     return trainer
