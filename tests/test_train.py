@@ -159,7 +159,7 @@ def test_no_decay_bias_norm_groups():
 # precision gave NaN on one CI machine and not on another (cf. pytorch/pytorch#147303), which is a
 # PyTorch CPU matter, not the loop's. Reduced precision is tested in the default layout.
 @pytest.mark.parametrize("switches", [
-    ["trainer.channels_last=true", "trainer.grad_clip=1.0", "optim=adamp"],
+    ["trainer.channels_last=true", "trainer.grad_clip=1.0", "optim=adamp", "optim.compiled=true"],
     ["trainer.precision=bf16", "trainer.grad_clip=1.0", "optim=adamp"],
     ["trainer.precision=fp16", "optim=sgdp", "trainer.schedule.name=step", "trainer.schedule.step_size=1"],
 ])

@@ -1,5 +1,7 @@
-"""What SGDP and AdamP share: gathering a group's parameters, the cached projector, and the
-record of which weights were projected at the last step (for diagnostics, kept as tensors)."""
+"""What SGDP and AdamP share: gathering a group's parameters, the cached projector, the
+projection decision and decay factors, the eager step, the dispatch to the compiled step
+(`compiled=True`, compiled.py) and the record of which weights were projected at the last step
+(for diagnostics, kept as tensors)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from projbench.optim import compiled as fused_kernels
 from projbench.optim.projection import Projector, _compute_dtype
 
 
@@ -69,8 +72,27 @@ class ProjectedOptimizer(Optimizer):
                 continue
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            multi = [p for p in params if p.dim() > 1]
+            if group.get("compiled") and multi and self._fusable(multi):
+                # compiled kernels step the weights; 1-D parameters take the eager path
+                self._fused_update(group, multi, [p.grad for p in multi], index)
+                params = [p for p in params if p.dim() <= 1]
+                if not params:
+                    continue
             self._update(group, params, [p.grad for p in params], index)
         return loss
+
+    def _fusable(self, weights: list[Tensor]) -> bool:
+        """Whether every weight and state buffer has a zero-copy row view (contiguous or
+        channels_last-like layouts): the compiled kernels write through those views."""
+        return all(fused_kernels.alias_rows(p, p) is not None
+                   and all(fused_kernels.alias_rows(s, p) is not None
+                           for s in self.state[p].values() if torch.is_tensor(s) and s.dim() > 0)
+                   for p in weights)
+
+    def _fused_update(self, group: dict, weights: list[Tensor], grads: list[Tensor], index: int) -> None:
+        """The compiled step of a group's multi-dimensional weights (compiled.py)."""
+        raise NotImplementedError
 
     def _projector(self, index: int, group: dict, weights: list[Tensor]) -> Projector:
         """The projector for this group's current set of multi-dimensional weights."""
@@ -88,6 +110,31 @@ class ProjectedOptimizer(Optimizer):
             state[name] = torch.zeros_like(p, dtype=_compute_dtype(p), memory_format=torch.preserve_format)
         return state[name]
 
+    def _decide(self, group: dict, index: int, weights: list[Tensor], row_stats: Tensor | None = None,
+                grads: list[Tensor] | None = None, updates: list[Tensor] | None = None,
+                decay_divisor: float = 1.0) -> tuple[Projector, Tensor, Tensor]:
+        """The projector, per-row projection coefficients `c` and per-row decay factors
+        `1 - lr * wd * ratio / decay_divisor` of `weights`, recorded in `last_projection`.
+
+        The row statistics come from `row_stats` (the compiled kernels' (4, rows) g.w, ||g||^2,
+        ||w||^2, w.u) or are computed here from `grads` and `updates`.
+        """
+        lr, wd = group["lr"], group["weight_decay"]
+        projector = self._projector(index, group, weights)
+        if row_stats is not None:
+            gw, gg, ww, wu = row_stats
+            coef, projected = projector.decide(gw, gg.sqrt(), ww.sqrt(), wu)
+        else:
+            coef, projected = projector.coefficients(weights, grads, updates)
+        self.last_projection.append(ProjectionRecord(weights, projected, projector.layout.numel))
+        if wd > 0:
+            # new_full fills on the device; new_tensor would be a blocking host-to-device copy
+            ratio = torch.where(projected, coef.new_full((), group["wd_ratio"]), 1.0)  # in coef's dtype
+            decay = (1 - lr * wd * ratio / decay_divisor)[projector.layout.row_param]
+        else:
+            decay = torch.ones_like(coef)
+        return projector, coef, decay
+
     def _apply(
         self,
         group: dict,
@@ -99,26 +146,20 @@ class ProjectedOptimizer(Optimizer):
         decay_divisor: float,
         project_updates_in_place: bool,
     ) -> None:
-        """Project `updates` of the multi-dimensional weights, decay, and step.
+        """Project `updates` of the multi-dimensional weights, decay, and step (eager).
 
         `w <- w * (1 - lr * wd * ratio / decay_divisor) - step_size * (u - c * w)`, with
         `c` and `ratio` from the projector. When `project_updates_in_place` is set (SGDP without
         Nesterov, where the update is the momentum buffer itself, as in the official code), the
         projection is written into `updates` too.
         """
-        lr, wd, wd_ratio = group["lr"], group["weight_decay"], group["wd_ratio"]
+        lr, wd = group["lr"], group["weight_decay"]
         multi = [i for i, p in enumerate(params) if p.dim() > 1]
         if multi:
             weights = [params[i] for i in multi]
-            projector = self._projector(index, group, weights)
-            coef, projected = projector.coefficients(weights, [grads[i] for i in multi], [updates[i] for i in multi])
-            self.last_projection.append(ProjectionRecord(weights, projected, projector.layout.numel))
-            if wd > 0:
-                # new_full fills on the device; new_tensor would be a blocking host-to-device copy
-                ratio = torch.where(projected, coef.new_full((), wd_ratio), 1.0)  # in coef's dtype
-                decay = (1 - lr * wd * ratio / decay_divisor)[projector.layout.row_param]
-            else:
-                decay = torch.ones_like(coef)
+            projector, coef, decay = self._decide(group, index, weights, grads=[grads[i] for i in multi],
+                                                  updates=[updates[i] for i in multi],
+                                                  decay_divisor=decay_divisor)
             for k, i in enumerate(multi):
                 c = projector.broadcast(coef, k, params[i])
                 d = projector.broadcast(decay, k, params[i])

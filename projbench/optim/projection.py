@@ -109,7 +109,10 @@ class Projector:
     ) -> tuple[Tensor, Tensor]:
         """Per-row coefficients `c` (so that the projected update is `u - c * w`) and the boolean
         per-parameter mask of parameters that were projected (channel or layer view)."""
-        lay, eps = self.layout, self.eps
+        return self.decide(*self._row_stats(weights, grads, updates))
+
+    def _row_stats(self, weights: list[Tensor], grads: list[Tensor], updates: list[Tensor]) -> Tensor:
+        lay = self.layout
         gw, g_norm, w_norm, wu = lay.stats
         # Row dot products are a product then a row sum (as in torch.linalg.vecdot); the products
         # go to one scratch buffer per step instead of a fresh tensor per parameter and dot.
@@ -122,7 +125,11 @@ class Projector:
             torch.linalg.vector_norm(w2, dim=1, out=w_norm[rows])
             torch.sum(torch.mul(g2, w2, out=prod), dim=1, out=gw[rows])
             torch.sum(torch.mul(w2, _rows_in(u, w), out=prod), dim=1, out=wu[rows])
+        return lay.stats
 
+    def decide(self, gw: Tensor, g_norm: Tensor, w_norm: Tensor, wu: Tensor) -> tuple[Tensor, Tensor]:
+        """The coefficients and projected mask from the per-row g.w, ||g||, ||w|| and w.u."""
+        lay, eps = self.layout, self.eps
         n_params = lay.thr_layer.numel()
         idx = lay.row_param
         # Channel view: cosine per row, then its maximum over each parameter's rows.
