@@ -291,6 +291,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     model = task.build_model().to(device)
     if tr.channels_last:
         model = model.to(memory_format=torch.channels_last)
+        if device.type == "cpu" and str(tr.precision) in ("bf16", "fp16"):
+            log.warning("trainer.channels_last with %s on the CPU: PyTorch's reduced-precision channels_last "
+                        "BatchNorm backward can give NaN gradients on some CPUs (pytorch/pytorch#147303); "
+                        "prefer float32 or the default layout on the CPU", tr.precision)
     optimizer = build_optimizer(cfg.optim, model, task.optimizer_groups(model))
 
     per_rank = global_batch // dist.world_size
