@@ -1,6 +1,7 @@
 """Models that timm / torchvision do not have, one module each."""
 
+from projbench.models.centernet import CenterNet
 from projbench.models.harmonic_cnn import HarmonicCNN
 from projbench.models.transformer_xl import TransformerXL
 
-__all__ = ["HarmonicCNN", "TransformerXL"]
+__all__ = ["CenterNet", "HarmonicCNN", "TransformerXL"]

@@ -1,0 +1,290 @@
+"""`task=coco`: MS-COCO 2017 object detection with CenterNet or SSD300, the paper's Table 3.
+
+Data: the official layout under `task.data.root`, read and checked by projbench/data/coco.py
+(what is filtered and why is said there): `task.data.splits.train` (train2017) trains, the "val"
+split (val2017) evaluates. Every image is resized to `task.data.image_size` squared; training
+augments it per `task.data.augment` (a policy of projbench.data.coco.AUGMENTATIONS), with the
+boxes following through torchvision.transforms.v2. `task.data.fixture=true` writes a tiny set in
+the same layout (rank 0, once, under `task.data.fixture_root`) and reads it the same way.
+
+Detectors (`task.model.detector`; conf/task/model/<detector>.yaml holds each one's recipe):
+  centernet  projbench/models/centernet.py: a ResNet, an upsampling head, a heatmap focal loss
+             with size and offset regression, peak decoding. Its input is ImageNet-normalised
+             here; its training targets (heatmaps, ...) are built in the DataLoader workers.
+  ssd        torchvision's ssd300_vgg16, with its own normalisation, resize to 300 x 300,
+             MultiBox loss and NMS; C + 1 classes (0 is its background).
+Both answer `model(images, targets)` with the training loss and `model(images)` with detections
+(boxes xyxy in the input's pixels, scores, contiguous labels), so the task does not care which
+it runs. `task.model.pretrained` is null (from scratch) or a local torchvision state dict of the
+backbone (ImageNet initialisation; nothing is downloaded).
+
+Metrics (x 100): COCOeval bbox AP (IoU .50:.95, the primary metric), AP50 and AP75 on val2017.
+Detections are mapped back to the original image and to COCO category ids, gathered from every
+DDP rank, scored on rank 0 by pycocotools and broadcast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as torch_dist
+from omegaconf import DictConfig
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.models.detection import ssd300_vgg16
+
+from projbench.data.coco import (AUGMENTATIONS, CocoDetection, CocoSplit, collate_detection, detection_transform,
+                                 read_coco_split, write_coco_fixture)
+from projbench.data.fixtures import write_once
+from projbench.distributed import DistInfo, barrier, broadcast_object
+from projbench.errors import ConfigError, DataError
+from projbench.models.centernet import CenterNet, centernet_decode, centernet_loss, centernet_targets, stack_targets
+from projbench.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+METRICS = ("ap", "ap50", "ap75")  # COCOeval.stats[0:3]
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+def coco_results(detections: dict[str, torch.Tensor], image_id: int, scale: tuple[float, float],
+                 category_ids: Sequence[int]) -> list[dict]:
+    """One image's detections (boxes xyxy in the model input's pixels, scores, contiguous labels)
+    as COCO results: bbox [x, y, width, height] in the original image (`scale` = original /
+    input, for x and y), category ids from `category_ids[label]`."""
+    sx, sy = scale
+    boxes = detections["boxes"].detach().float().cpu() * torch.tensor([sx, sy, sx, sy])
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+    return [{"image_id": image_id, "category_id": category_ids[label], "bbox": box, "score": score}
+            for box, score, label in zip(xywh.tolist(), detections["scores"].float().tolist(),
+                                         detections["labels"].tolist())]
+
+
+def coco_ap(coco_gt: COCO, results: list[dict], image_ids: Iterable[int]) -> dict[str, float]:
+    """COCOeval bbox AP (IoU .50:.95), AP50 and AP75, x 100, of `results` (COCO result dicts:
+    image_id, category_id, bbox [x, y, w, h], score) on the images `image_ids` of `coco_gt`.
+    No detections score 0 (pycocotools cannot load an empty result list); so do images without
+    any ground truth (where COCOeval reports -1). COCOeval's summary goes to the log."""
+    image_ids = sorted(set(image_ids))
+    if not results or not image_ids:
+        return dict.fromkeys(METRICS, 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):  # progress prints
+        detections = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys to what it gets
+        evaluator = COCOeval(coco_gt, detections, iouType="bbox")
+        evaluator.params.imgIds = image_ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+    with contextlib.redirect_stdout(io.StringIO()) as summary:
+        evaluator.summarize()
+    log.info("COCOeval bbox, %d images, %d detections:\n%s", len(image_ids), len(results), summary.getvalue().rstrip())
+    return {name: 100 * max(float(value), 0.0) for name, value in zip(METRICS, evaluator.stats)}
+
+
+def _gather(items: list) -> list:
+    """The concatenation of every rank's `items` (rank order); `items` without a process group."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return items
+    parts: list = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+# -- detectors ----------------------------------------------------------------------------------
+def _encode_centernet(target: dict, num_classes: int, out_size: int, max_objects: int) -> dict[str, torch.Tensor]:
+    return centernet_targets(target["boxes"], target["labels"], num_classes, out_size, CenterNet.stride, max_objects)
+
+
+class CenterNetDetector(nn.Module):
+    """CenterNet on ImageNet-normalised [0, 1] images; `model(images, targets)` -> loss with
+    targets from `target_encoder`, `model(images)` -> top-k peak detections per image."""
+
+    size_multiple = 32  # the backbone's stride
+
+    def __init__(self, cfg: DictConfig, num_classes: int):
+        super().__init__()
+        self.net = CenterNet(num_classes, backbone=cfg.backbone, pretrained=cfg.pretrained,
+                             head_channels=int(cfg.head_channels), deconv_channels=tuple(cfg.deconv_channels))
+        self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
+        self.max_detections = int(cfg.max_detections)
+        self.size_weight, self.offset_weight = float(cfg.size_weight), float(cfg.offset_weight)
+
+    @staticmethod
+    def arch(cfg: DictConfig) -> str:
+        return f"centernet_{cfg.backbone}"
+
+    @staticmethod
+    def target_encoder(cfg: DictConfig, num_classes: int, image_size: int) -> Callable[[dict], dict]:
+        """Per-image CenterNet targets (heatmap, ...) from the dataset's boxes, in the loader workers."""
+        return partial(_encode_centernet, num_classes=num_classes, out_size=image_size // CenterNet.stride,
+                       max_objects=int(cfg.max_objects))
+
+    def forward(self, images: torch.Tensor, targets: list[dict] | None = None):
+        outputs = self.net((images - self.mean) / self.std)
+        if targets is None:
+            return centernet_decode(outputs, k=self.max_detections, stride=CenterNet.stride)
+        loss, _ = centernet_loss(outputs, stack_targets(targets), self.size_weight, self.offset_weight)
+        return loss
+
+
+def load_vgg16_backbone(ssd: nn.Module, path: str | Path, trainable_layers: int) -> None:
+    """The 13 convolutions of a local torchvision VGG16 state dict (`features.<i>.weight/bias`; the
+    classifier is ignored) into SSD300's backbone, in order: conv1_1 to conv4_3 in
+    `backbone.features`, conv5_x in `backbone.extra[0]`. SSD's fc6/fc7 and extra layers keep
+    their initialisation, as in torchvision's ssd300_vgg16. As torchvision does for a pretrained
+    backbone, only the last `trainable_layers` of VGG's 5 stages train; the earlier ones freeze."""
+    path = Path(path)
+    key = "task.model.pretrained"
+    if not path.is_file():
+        raise ConfigError(key, f"{path}: not found; expected a torchvision VGG16 state dict "
+                               f"(e.g. vgg16_features-amdegroot-88682ab5.pth); null trains from scratch")
+    if not 1 <= trainable_layers <= 5:
+        raise ConfigError("task.model.trainable_backbone_layers", f"must be 1 to 5, got {trainable_layers}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises pickle, zip and runtime errors alike for a foreign file
+        raise ConfigError(key, f"{path}: cannot be loaded as a state dict ({exc})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    layers = sorted({int(k.split(".")[1]) for k in state if k.startswith("features.") and k.count(".") == 2
+                     and k.split(".")[1].isdigit()})
+    convs = [m for m in ssd.backbone.modules() if isinstance(m, nn.Conv2d)][:13]
+    shapes = [tuple(getattr(state.get(f"features.{i}.{p}"), "shape", ())) for i in layers for p in ("weight", "bias")]
+    if shapes != [tuple(t.shape) for m in convs for t in (m.weight, m.bias)]:
+        raise ConfigError(key, f"{path}: not a torchvision VGG16 state dict (expected the 13 convolutions "
+                               f"features.<i>.weight/bias of VGG16, found {len(layers)} features layers)")
+    with torch.no_grad():
+        for i, conv in zip(layers, convs):
+            conv.weight.copy_(state[f"features.{i}.weight"])
+            conv.bias.copy_(state[f"features.{i}.bias"])
+    features = ssd.backbone.features
+    starts = [0] + [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)] + [len(features)]
+    for module in features[:starts[5 - trainable_layers]]:
+        module.requires_grad_(False)
+
+
+class SSDDetector(nn.Module):
+    """torchvision's SSD300-VGG16 on [0, 1] images; `model(images, targets)` (train mode) -> the
+    sum of its MultiBox losses, `model(images)` (eval mode) -> its post-NMS detections."""
+
+    size_multiple = 1  # SSD resizes its input to 300 x 300 itself
+
+    def __init__(self, cfg: DictConfig, num_classes: int):
+        super().__init__()
+        self.ssd = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=num_classes + 1,
+                                detections_per_img=int(cfg.max_detections))
+        if cfg.pretrained:
+            load_vgg16_backbone(self.ssd, cfg.pretrained, int(cfg.trainable_backbone_layers))
+
+    @staticmethod
+    def arch(cfg: DictConfig) -> str:
+        return "ssd300_vgg16"
+
+    @staticmethod
+    def target_encoder(cfg: DictConfig, num_classes: int, image_size: int) -> None:
+        return None  # SSD matches boxes to its anchors itself
+
+    def forward(self, images: torch.Tensor, targets: list[dict] | None = None):
+        if targets is None:
+            return [{"boxes": d["boxes"], "scores": d["scores"], "labels": d["labels"] - 1}
+                    for d in self.ssd(list(images))]
+        losses = self.ssd(list(images), [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets])
+        return sum(losses.values())
+
+
+DETECTORS: dict[str, type[CenterNetDetector] | type[SSDDetector]] = {"centernet": CenterNetDetector, "ssd": SSDDetector}
+
+
+# -- the task -----------------------------------------------------------------------------------
+class CocoTask(Task):
+    metrics = {"ap": "max", "ap50": "max", "ap75": "max"}
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__(cfg)
+        if cfg.model.detector not in DETECTORS:
+            raise ConfigError("task.model.detector", f"unknown detector {cfg.model.detector!r}; "
+                                                     f"choose one of {sorted(DETECTORS)}")
+        if cfg.data.augment not in AUGMENTATIONS:
+            raise ConfigError("task.data.augment", f"unknown policy {cfg.data.augment!r}; "
+                                                   f"choose one of {sorted(AUGMENTATIONS)}")
+        self.detector = DETECTORS[cfg.model.detector]
+        self.splits: dict[str, CocoSplit] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.splits["train"].category_ids)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.cfg.data.image_size)
+
+    def data_root(self) -> Path:
+        data = self.cfg.data
+        return Path(data.fixture_root if data.fixture else data.root)
+
+    def model_name(self) -> str:
+        return self.detector.arch(self.cfg.model)
+
+    def setup(self, dist: DistInfo) -> None:
+        multiple = self.detector.size_multiple
+        if self.image_size <= 0 or self.image_size % multiple:
+            raise ConfigError("task.data.image_size", f"{self.cfg.model.detector} needs a positive multiple of "
+                                                      f"{multiple}, got {self.image_size}")
+        root = self.data_root()
+        if self.cfg.data.fixture:
+            if dist.is_main:
+                write_once(root, write_coco_fixture)
+            barrier()
+        names = self.cfg.data.splits
+        self.splits = {"train": read_coco_split(root, names.train, training=True),
+                       "val": read_coco_split(root, names.val, training=False)}
+        train, val = self.splits["train"], self.splits["val"]
+        if val.category_ids != train.category_ids:
+            raise DataError(val.annotation_file, f"lists the category ids {val.category_ids[:10]}..., "
+                                                 f"but {train.annotation_file.name} lists {train.category_ids[:10]}...")
+        if dist.is_main:
+            for split in self.splits.values():
+                if split.filtered:
+                    log.warning("%s: %s (see projbench/data/coco.py)", split.annotation_file,
+                                ", ".join(f"{n} {what}" for what, n in sorted(split.filtered.items())))
+
+    def build_model(self) -> nn.Module:
+        return self.detector(self.cfg.model, self.num_classes)
+
+    def train_dataset(self) -> Dataset:
+        encode = self.detector.target_encoder(self.cfg.model, self.num_classes, self.image_size)
+        return CocoDetection(self.splits["train"].images, detection_transform(self.image_size, self.cfg.data.augment),
+                             encode)
+
+    def eval_datasets(self) -> dict[str, Dataset]:
+        return {"val": CocoDetection(self.splits["val"].images, detection_transform(self.image_size, None))}
+
+    def loader_kwargs(self) -> dict:
+        return {**super().loader_kwargs(), "collate_fn": collate_detection}
+
+    def training_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        images, targets = batch
+        return model(images, targets)
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+        val = self.splits["val"]
+        results, image_ids = [], []
+        for images, targets in loader:
+            for detections, target in zip(model(images.to(device, non_blocking=True)), targets):
+                image_id = int(target["image_id"])
+                height, width = target["orig_size"].tolist()
+                image_ids.append(image_id)
+                results += coco_results(detections, image_id, (width / self.image_size, height / self.image_size),
+                                        val.category_ids)
+        results, image_ids = _gather(results), _gather(image_ids)
+        main = not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_rank() == 0
+        return broadcast_object(coco_ap(val.coco, results, image_ids) if main else None)
