@@ -40,10 +40,10 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(1)
     primary = summary.get("primary_metric")
     for key, entry in summary["metrics"].items():
-        best = f" (best {entry['best']:.4f} at step {entry['best_step']})" if "best" in entry else ""
-        log.info("%s = %.4f%s", key, entry["final"], best)
+        best = f" (best {entry['best']:.6g} at step {entry['best_step']})" if "best" in entry else ""
+        log.info("%s = %.6g%s", key, entry["final"], best)
     for key, value in summary.get("derived", {}).items():
-        log.info("%s = %s", key, value)
+        log.info("%s = %s", key, f"{value:.6g}" if isinstance(value, float) else value)
     log.info("run directory: %s", run_dir)
     # The return value is what Hydra sweepers (e.g. Optuna) optimise: the primary test/val metric.
     for split in ("test", "val"):
