@@ -78,7 +78,7 @@ def test_boxes_outside_the_image_are_clipped_and_empty_ones_dropped(data_dir, tm
     root = Path(shutil.copytree(fixture(data_dir), tmp_path / "coco"))
     data = annotations(root, "val2017")
     image = data["images"][3]
-    w, h = image["width"], image["height"]
+    w = image["width"]
     mine = [a for a in data["annotations"] if a["image_id"] == image["id"]]
     mine[0]["bbox"] = [-10.0, -5.0, w + 20.0, 30.0]   # sticks out left, top and right: clipped
     extra = [[5.0, 5.0, 0.0, 10.0],                   # zero width: dropped

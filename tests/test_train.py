@@ -13,9 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST, ROOT, make_cfg, read_summary, run_cli
+from conftest import FAST, make_cfg, read_summary, run_cli
 from projbench import diagnostics
-from projbench.optim import SGDP, build_optimizer
+from projbench.optim import build_optimizer
 from projbench.schedules import lr_multiplier
 from projbench.train import train
 

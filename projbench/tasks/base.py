@@ -20,14 +20,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from projbench.distributed import DistInfo, ResumableSampler, ShardSampler
+from projbench.data.fixtures import write_once
+from projbench.distributed import DistInfo, ResumableSampler, ShardSampler, barrier
 
 
 class Task(ABC):
@@ -44,6 +45,22 @@ class Task(ABC):
     def setup(self, dist: DistInfo) -> None:
         """Check the data set (and write the fixture when asked); called on every rank before
         anything is built. Raise projbench.errors.DataError naming the path on a problem."""
+
+    def data_root(self) -> Path:
+        """Where the data set is read from: `task.data.root`, or `task.data.fixture_root` with
+        `task.data.fixture=true`."""
+        data = self.cfg.data
+        return Path(data.fixture_root if data.fixture else data.root)
+
+    def prepare_fixture(self, dist: DistInfo, writer: Callable[[Path], None]) -> Path:
+        """The data root; with `task.data.fixture=true`, rank 0 first writes the fixture there with
+        `writer(dir)`, once (projbench.data.fixtures.write_once), while the other ranks wait."""
+        root = self.data_root()
+        if self.cfg.data.fixture:
+            if dist.is_main:
+                write_once(root, writer)
+            barrier()
+        return root
 
     @abstractmethod
     def build_model(self) -> nn.Module: ...

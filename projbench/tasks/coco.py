@@ -44,8 +44,7 @@ from torchvision.models.detection import ssd300_vgg16
 
 from projbench.data.coco import (AUGMENTATIONS, CocoDetection, CocoSplit, collate_detection, detection_transform,
                                  read_coco_split, write_coco_fixture)
-from projbench.data.fixtures import write_once
-from projbench.distributed import DistInfo, barrier, broadcast_object
+from projbench.distributed import DistInfo, broadcast_object
 from projbench.errors import ConfigError, DataError
 from projbench.models.centernet import CenterNet, centernet_decode, centernet_loss, centernet_targets, stack_targets
 from projbench.tasks.base import Task
@@ -227,10 +226,6 @@ class CocoTask(Task):
     def image_size(self) -> int:
         return int(self.cfg.data.image_size)
 
-    def data_root(self) -> Path:
-        data = self.cfg.data
-        return Path(data.fixture_root if data.fixture else data.root)
-
     def model_name(self) -> str:
         return self.detector.arch(self.cfg.model)
 
@@ -239,11 +234,7 @@ class CocoTask(Task):
         if self.image_size <= 0 or self.image_size % multiple:
             raise ConfigError("task.data.image_size", f"{self.cfg.model.detector} needs a positive multiple of "
                                                       f"{multiple}, got {self.image_size}")
-        root = self.data_root()
-        if self.cfg.data.fixture:
-            if dist.is_main:
-                write_once(root, write_coco_fixture)
-            barrier()
+        root = self.prepare_fixture(dist, write_coco_fixture)
         names = self.cfg.data.splits
         self.splits = {"train": read_coco_split(root, names.train, training=True),
                        "val": read_coco_split(root, names.val, training=False)}

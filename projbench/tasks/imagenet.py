@@ -16,7 +16,6 @@ folders under train/, checked against `task.num_classes` on real data.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from timm.data import Mixup, create_transform
@@ -24,9 +23,9 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from projbench.data.fixtures import write_imagenet_fixture, write_once
+from projbench.data.fixtures import write_imagenet_fixture
 from projbench.data.image_folder import ON_BAD_IMAGE, ImageFolderSplit, read_split
-from projbench.distributed import DistInfo, barrier
+from projbench.distributed import DistInfo
 from projbench.errors import ConfigError, DataError
 from projbench.tasks.classification import ClassificationTask
 
@@ -44,20 +43,12 @@ class ImageNetTask(ClassificationTask):
         self._mixup: Mixup | None = None
         self._soft_target_loss = SoftTargetCrossEntropy()
 
-    def data_root(self) -> Path:
-        data = self.cfg.data
-        return Path(data.fixture_root if data.fixture else data.root)
-
     def setup(self, dist: DistInfo) -> None:
         data = self.cfg.data
         if data.on_bad_image not in ON_BAD_IMAGE:
             raise ConfigError("task.data.on_bad_image",
                               f"got {data.on_bad_image!r}; choose one of {list(ON_BAD_IMAGE)}")
-        root = self.data_root()
-        if data.fixture:
-            if dist.is_main:
-                write_once(root, lambda tmp: write_imagenet_fixture(tmp, **FIXTURE))
-            barrier()
+        root = self.prepare_fixture(dist, lambda tmp: write_imagenet_fixture(tmp, **FIXTURE))
         train_tf, eval_tf = self.transforms()
         train = read_split(root, "train", train_tf, data.on_bad_image, hint=HINT)
         val = read_split(root, "val", eval_tf, data.on_bad_image, train.class_to_idx, HINT)

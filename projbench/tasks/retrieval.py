@@ -246,10 +246,6 @@ class RetrievalTask(Task):
         self.splits: dict[str, list[Sample]] = {}
         self.train_classes: list[int] = []
 
-    def data_root(self) -> Path:
-        data = self.cfg.data
-        return Path(data.fixture_root if data.fixture else data.root)
-
     def setup(self, dist: DistInfo) -> None:
         data = self.cfg.data
         if data.fixture and dist.is_main:
