@@ -13,19 +13,19 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import yaml
 from hydra import compose, initialize_config_dir
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import CONF, ROOT, make_cfg
+from conftest import CONF, make_cfg
 from projbench.data.audio import (DCASE2017_CLASSES, DCASE_AUDIO_DIRS, DCASE_LABEL_FILES, FIXTURE_CLIPS, Clip,
                                   ClipDataset, fixture_labels, load_clip, read_dcase, read_weak_labels,
                                   write_dcase_fixture)
 from projbench.distributed import DistInfo
 from projbench.errors import DataError
 from projbench.models.harmonic_cnn import HarmonicFilterbank
+from projbench.tables import Run, build_table, load_spec
 from projbench.tasks.dcase import DcaseTask
 from projbench.train import seed_everything, train
 
@@ -185,16 +185,29 @@ def test_a_few_dozen_steps_raise_f1_far_above_the_untrained_model(data_dir, tmp_
 
 
 # -- the Table 5 recipe -----------------------------------------------------------------------
-def test_table5_experiment_sweeps_adam_and_adamp_on_dcase_with_the_tables_keys():
+def test_table5_sweep_fills_every_cell_of_the_table_once():
+    """The experiment's 6 runs (3 tasks x Adam, AdamP) land in Table 5's 2 rows x 4 columns, each
+    task with its own recipe; a column takes its own metric of a run."""
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         params = compose(config_name="config", overrides=["+experiment=audio_table5"],
                          return_hydra_config=True).hydra.sweeper.params
-    assert params["optim"].split(",") == ["adam", "adamp"]
-    for optim in ("adam", "adamp"):
-        cfg = make_cfg(["+experiment=audio_table5", f"optim={optim}"])
-        assert (cfg.task.name, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("dcase", optim, 1e-4, 1e-4)
+    tasks, optims = params["task"].split(","), params["optim"].split(",")
+    assert sorted(tasks) == ["dcase", "mtat", "speech_commands"] and optims == ["adam", "adamp"]
+    runs, metrics = [], {"dcase": "test/f1", "mtat": "test/roc_auc", "speech_commands": "test/top1"}
+    for k, (task, optim) in enumerate((t, o) for t in tasks for o in optims):
+        cfg = make_cfg(["+experiment=audio_table5", f"task={task}", f"optim={optim}", "paths.data_dir=/datasets"])
+        assert (cfg.task.name, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == (task, optim, 1e-4, 1e-4)
         assert cfg.task.data.sample_rate == 16000 and cfg.task.data.batch_size == 16
-    column = yaml.safe_load((ROOT / "results" / "paper.yaml").read_text())["tables"]["table5"]["columns"][
-        "Sound event tagging (DCASE) F1"]
-    assert column == {"select": {"task.name": "dcase"}, "metric": "test/f1"}
+        assert cfg.task.data.root.startswith("/datasets/")
+        values = {metrics[task]: {"final": float(k)}, "test/pr_auc": {"final": 100.0 + k}}
+        runs.append(Run(id=f"run{k}", config=cfg, summary={"status": "completed", "seed": 0, "metrics": values}))
+    table = build_table(load_spec()["table5"], runs)
+    assert len(table.cells) == 8 and all(cell.n == 1 for cell in table.cells.values())
+    column = {"dcase": "Sound event tagging (DCASE) F1", "mtat": "Music tagging ROC-AUC",
+              "speech_commands": "Keyword spotting acc."}
+    for k, run in enumerate(runs):
+        row = {"adam": "Adam", "adamp": "AdamP"}[run.config.optim.name]
+        assert table.cells[(row, column[run.config.task.name])].mean == float(k)
+        if run.config.task.name == "mtat":
+            assert table.cells[(row, "Music tagging PR-AUC")].mean == 100.0 + k
     assert next(iter(DcaseTask.metrics)) == "f1"

@@ -1,8 +1,9 @@
 """Audio clips for the audio tasks: loading (soundfile, mono, torchaudio resampling, fixed-length
 crops), the DCASE 2017 Task 4 reader, and a tiny fixture in that layout.
 
-The loading half (`load_clip`, `ClipDataset`) knows nothing about DCASE: a task hands it
-(path, multi-hot target) pairs, so Speech Commands and MagnaTagATune readers can reuse it.
+The loading half (`load_clip`, `ClipDataset`; `load_chunks`, `ChunkedClipDataset` for
+evaluations over a whole clip's crops) knows nothing about DCASE: a task hands it (path,
+multi-hot target) pairs, so Speech Commands and MagnaTagATune readers can reuse it.
 
 DCASE 2017 Task 4 ("Large-scale weakly supervised sound event detection for smart cars", 17
 classes of AudioSet, 10 s YouTube clips at 44.1 kHz), as the official archives and the task
@@ -87,12 +88,16 @@ def load_clip(path: Path | str, sample_rate: int, num_samples: int, position: fl
     Only the crop is read: it starts at `position` (0: the start, 1: the end) of the room the
     clip leaves around it, e.g. a random position for training and 0.5 (centred) for evaluation.
     A clip shorter than the crop is zero-padded at the end. Channels are averaged; the crop is
-    resampled with torchaudio when the file has another rate."""
+    resampled with torchaudio when the file has another rate. An MP3 is decoded from its start up
+    to the crop's end: a frame depends on the frames before it (the bit reservoir), so libsndfile's
+    seek into an MP3 decodes the crop's first samples wrong."""
     try:
         info = sf.info(str(path))
         need = math.ceil(num_samples * info.samplerate / sample_rate)  # frames at the file's rate
         start = round(min(max(position, 0.0), 1.0) * max(info.frames - need, 0))
-        frames, rate = sf.read(str(path), start=start, frames=need, dtype="float32", always_2d=True)
+        skip = start if info.format == "MP3" else 0  # decoded, then dropped
+        frames, rate = sf.read(str(path), start=start - skip, frames=need + skip, dtype="float32", always_2d=True)
+        frames = frames[skip:]
     except DECODE_ERRORS as exc:
         raise UnreadableAudioError(path, f"cannot be read as audio ({exc})") from None
     wave = torch.from_numpy(frames).mean(dim=1)
@@ -124,6 +129,32 @@ class ClipDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         position = float(torch.rand(())) if self.random_crop else 0.5
         return load_clip(self.paths[index], self.sample_rate, self.num_samples, position), self.targets[index]
+
+
+def load_chunks(path: Path | str, sample_rate: int, num_samples: int, num_chunks: int) -> torch.Tensor:
+    """(num_chunks, num_samples): the whole clip cut into `num_chunks` crops that start `hop`
+    samples apart, hop = (clip length - num_samples) // num_chunks, as the Harmonic CNN authors'
+    evaluation cuts a song; a clip no longer than a crop gives identical zero-padded crops."""
+    try:
+        info = sf.info(str(path))
+    except DECODE_ERRORS as exc:
+        raise UnreadableAudioError(path, f"cannot be read as audio ({exc})") from None
+    length = info.frames * sample_rate // info.samplerate
+    wave = load_clip(path, sample_rate, max(length, num_samples), position=0.0)
+    hop = max(length - num_samples, 0) // num_chunks
+    return torch.stack([wave[i * hop:i * hop + num_samples] for i in range(num_chunks)])
+
+
+class ChunkedClipDataset(ClipDataset):
+    """(crops [num_chunks, num_samples], multi-hot target) per clip, for evaluations that average
+    a model's outputs over crops covering the whole clip (load_chunks)."""
+
+    def __init__(self, clips: Sequence[Clip], num_classes: int, sample_rate: int, seconds: float, num_chunks: int):
+        super().__init__(clips, num_classes, sample_rate, seconds, random_crop=False)
+        self.num_chunks = int(num_chunks)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return load_chunks(self.paths[index], self.sample_rate, self.num_samples, self.num_chunks), self.targets[index]
 
 
 # -- the DCASE 2017 Task 4 reader -------------------------------------------------------------
