@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,7 +240,11 @@ class Trainer:
                 if values:
                     self.recorder.log("diag", values, self.step, self.epoch)
             self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # GradScaler skips optimizer.step() on a step with inf/NaN gradients (the first few
+                # of an fp16 run, while it finds its scale); the schedule still advances, by design.
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+                self.scheduler.step()
 
             last = self.step == self.total_steps
             if self.step % tr.log_every == 0 or last:
