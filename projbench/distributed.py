@@ -64,6 +64,21 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def current_rank() -> int:
+    """This process's rank in the process group (0 without one)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_gather_list(items: list) -> list:
+    """The concatenation of every rank's `items` (picklable), in rank order, on every rank
+    (`items` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return items
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         value = value.clone()

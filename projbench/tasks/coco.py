@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.distributed as torch_dist
 from omegaconf import DictConfig
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -44,7 +43,7 @@ from torchvision.models.detection import ssd300_vgg16
 
 from projbench.data.coco import (AUGMENTATIONS, CocoDetection, CocoSplit, collate_detection, detection_transform,
                                  read_coco_split, write_coco_fixture)
-from projbench.distributed import DistInfo, broadcast_object
+from projbench.distributed import DistInfo, all_gather_list, broadcast_object, current_rank
 from projbench.errors import ConfigError, DataError
 from projbench.models.centernet import CenterNet, centernet_decode, centernet_loss, centernet_targets, stack_targets
 from projbench.tasks.base import Task
@@ -86,15 +85,6 @@ def coco_ap(coco_gt: COCO, results: list[dict], image_ids: Iterable[int]) -> dic
         evaluator.summarize()
     log.info("COCOeval bbox, %d images, %d detections:\n%s", len(image_ids), len(results), summary.getvalue().rstrip())
     return {name: 100 * max(float(value), 0.0) for name, value in zip(METRICS, evaluator.stats)}
-
-
-def _gather(items: list) -> list:
-    """The concatenation of every rank's `items` (rank order); `items` without a process group."""
-    if not (torch_dist.is_available() and torch_dist.is_initialized()):
-        return items
-    parts: list = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(parts, items)
-    return [item for part in parts for item in part]
 
 
 # -- detectors ----------------------------------------------------------------------------------
@@ -276,6 +266,5 @@ class CocoTask(Task):
                 image_ids.append(image_id)
                 results += coco_results(detections, image_id, (width / self.image_size, height / self.image_size),
                                         val.category_ids)
-        results, image_ids = _gather(results), _gather(image_ids)
-        main = not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_rank() == 0
-        return broadcast_object(coco_ap(val.coco, results, image_ids) if main else None)
+        results, image_ids = all_gather_list(results), all_gather_list(image_ids)
+        return broadcast_object(coco_ap(val.coco, results, image_ids) if current_rank() == 0 else None)
