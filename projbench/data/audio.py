@@ -267,6 +267,16 @@ def fixture_labels(index: int) -> list[str]:
     return [names[first], names[(first + 1 + index // len(names) % (len(names) - 1)) % len(names)]]
 
 
+def mix_fixture_sounds(t: np.ndarray, labels: Sequence[str], sounds: dict[str, Callable], rng: np.random.Generator
+                       ) -> np.ndarray:
+    """A fixture clip at times `t`: faint white noise plus the sound of each of `labels` (from
+    `sounds`) at a random level, peak-normalised to 0.9."""
+    wave = 0.02 * rng.standard_normal(len(t))
+    for label in labels:
+        wave += rng.uniform(0.3, 0.6) * sounds[label](t, rng)
+    return wave * (0.9 / max(np.abs(wave).max(), 1e-8))
+
+
 def write_dcase_fixture(root: Path, sample_rate: int = 16000, seconds: float = 1.0,
                         clips: dict[str, int] | None = None, seed: int = 0) -> None:
     """A tiny DCASE 2017 Task 4 tree at `root` in the official layout (label files and audio
@@ -282,10 +292,7 @@ def write_dcase_fixture(root: Path, sample_rate: int = 16000, seconds: float = 1
             rng = np.random.default_rng([seed, code, k])
             name = f"fixture{split[:2]}{k:03d}_30.000_{30 + seconds:.3f}.wav"  # <youtube id>_<start>_<end>.wav
             labels = fixture_labels(k)
-            wave = 0.02 * rng.standard_normal(len(t))
-            for label in labels:
-                wave += rng.uniform(0.3, 0.6) * FIXTURE_SOUNDS[label](t, rng)
-            wave *= 0.9 / max(np.abs(wave).max(), 1e-8)
+            wave = mix_fixture_sounds(t, labels, FIXTURE_SOUNDS, rng)
             sf.write(directory / ("Y" + name), wave.astype(np.float32), sample_rate, subtype="PCM_16")
             lines += [f"{name}\t30.000\t{30 + seconds:.3f}\t{label}" for label in labels]
         (root / DCASE_LABEL_FILES[split]).write_text("\n".join(lines) + "\n", encoding="utf-8")

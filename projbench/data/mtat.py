@@ -43,7 +43,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import soundfile as sf
 
-from projbench.data.audio import Clip
+from projbench.data.audio import Clip, mix_fixture_sounds
 from projbench.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -308,10 +308,7 @@ def write_mtat_fixture(root: Path, sample_rate: int = 16000, seed: int = 0) -> N
             rng = np.random.default_rng([seed, clip_id])
             seconds = 1.0 + 0.5 * (clip_id % 3)
             t = np.arange(round(seconds * sample_rate)) / sample_rate
-            wave = 0.02 * rng.standard_normal(len(t))
-            for label in labels:
-                wave += rng.uniform(0.3, 0.6) * FIXTURE_SOUNDS[label](t, rng)
-            wave *= 0.9 / max(np.abs(wave).max(), 1e-8)
+            wave = mix_fixture_sounds(t, labels, FIXTURE_SOUNDS, rng)
             name = f"fixture_artist-fixture_album-{clip_id:03d}-fixture_track-0-{seconds:.0f}.mp3"  # artist-album-n-title-from-to
             sf.write(root / folder / name, wave.astype(np.float32), sample_rate, format="MP3", subtype="MPEG_LAYER_III")
             lines.append([str(clip_id), *("1" if tag in labels else "0" for tag in FIXTURE_TAGS), f"{folder}/{name}"])
