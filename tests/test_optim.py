@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from projbench.optim import SGDP, AdamP
+from projbench.optim import _base as optim_base
 from projbench.optim import compiled as fused_kernels
 
 DELTA, EPS = 0.1, 1e-8
@@ -116,9 +117,18 @@ CASES = [
 COMPILED = pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 
 
-@COMPILED
+@pytest.fixture(params=["eager", "eager-foreach", "compiled"])
+def compiled_path(request, monkeypatch) -> bool:
+    """The three ways a step runs; gives the `compiled` flag. eager-foreach: the eager step in the
+    form it takes on CUDA (foreach ops instead of the CPU's fused per-tensor ops), here on the CPU."""
+    if request.param == "eager-foreach":
+        monkeypatch.setattr(optim_base, "PER_TENSOR_DEVICES", set())
+    return request.param == "compiled"
+
+
 @pytest.mark.parametrize("name, cls, official_cls, kw", CASES, ids=[c[0] for c in CASES])
-def test_matches_official_float64(name, cls, official_cls, kw, compiled):
+def test_matches_official_float64(name, cls, official_cls, kw, compiled_path):
+    compiled = compiled_path
     model = make_net()
     ref = copy.deepcopy(model)
     opt, ref_opt = cls(model.parameters(), compiled=compiled, **kw), official_cls(ref.parameters(), **kw)
@@ -318,10 +328,10 @@ HALF_TOL = {torch.float16: 0.02, torch.bfloat16: 0.1}
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("cls, kw", [(SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
                                      (AdamP, dict(lr=1e-2, weight_decay=1e-2))], ids=["SGDP", "AdamP"])
-@COMPILED
-def test_half_weights_follow_float32(cls, kw, dtype, compiled):
+def test_half_weights_follow_float32(cls, kw, dtype, compiled_path):
     """Half weights get the float32 gradients (cast) of a float32 twin; float32 state, and the
     parameter movement stays within a few half-precision roundings of the float32 run's."""
+    compiled = compiled_path
     ref = make_net(torch.float32)
     half = copy.deepcopy(ref).to(dtype)
     start = copy.deepcopy(ref)

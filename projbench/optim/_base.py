@@ -15,6 +15,22 @@ from torch.optim import Optimizer
 from projbench.optim import compiled as fused_kernels
 from projbench.optim.projection import Projector, _compute_dtype
 
+# Devices whose foreach ops are a loop over the tensors (no multi-tensor kernel). There one
+# per-tensor op doing the work of two foreach ops is faster: one pass over memory instead of two
+# (results/bench_optim.md). Elsewhere (CUDA) a foreach op is one launch for many tensors, and the
+# eager step keeps the foreach form. Tests empty this set to run the foreach form on the CPU.
+PER_TENSOR_DEVICES = {"cpu"}
+
+
+def per_tensor(tensors: list[Tensor]) -> bool:
+    """Whether the eager step should loop over `tensors` with fused per-tensor ops."""
+    return tensors[0].device.type in PER_TENSOR_DEVICES
+
+
+def uniform(values: list[float]) -> float | list[float]:
+    """One scalar when all values agree (the common case: one foreach scalar, no list)."""
+    return values[0] if all(v == values[0] for v in values) else values
+
 
 @dataclass
 class ProjectionRecord:
@@ -178,8 +194,9 @@ class ProjectedOptimizer(Optimizer):
 
 def _add_scaled(params: list[Tensor], updates: list[Tensor], step_sizes: list[float]) -> None:
     """`p -= step_size * u` for each pair, in one foreach call when the step sizes agree."""
-    if all(s == step_sizes[0] for s in step_sizes):
-        torch._foreach_add_(params, updates, alpha=-step_sizes[0])
+    step_size = uniform(step_sizes)
+    if not isinstance(step_size, list):
+        torch._foreach_add_(params, updates, alpha=-step_size)
     else:
         for p, u, s in zip(params, updates, step_sizes):
             p.add_(u, alpha=-s)

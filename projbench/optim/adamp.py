@@ -7,7 +7,7 @@ import math
 import torch
 
 from projbench.optim import compiled as K
-from projbench.optim._base import ProjectedOptimizer
+from projbench.optim._base import ProjectedOptimizer, per_tensor, uniform
 
 
 class AdamP(ProjectedOptimizer):
@@ -39,22 +39,29 @@ class AdamP(ProjectedOptimizer):
             state["step"] = state.get("step", 0) + 1
             steps.append(state["step"])
 
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+        # lerp wants the gradient in the state's dtype (float32 for float16/bfloat16 weights);
+        # the cast is made once here and serves the moments and the projection statistics.
+        grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)  # beta1 * m + (1 - beta1) * g, one pass
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
 
+        # The official perturb m / (sqrt(v) / r + eps), with r = sqrt(1 - beta2^t), equals
+        # r * m / (sqrt(v) + eps * r): r moves into the step size (the projection is linear in
+        # the update), which saves a pass over the denominators.
+        roots = [math.sqrt(1 - beta2**s) for s in steps]
         denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, [math.sqrt(1 - beta2**s) for s in steps])
-        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_add_(denom, uniform([group["eps"] * r for r in roots]))
         if group["nesterov"]:
-            numer = torch._foreach_mul(exp_avgs, beta1)
-            torch._foreach_add_(numer, grads, alpha=1 - beta1)
-            torch._foreach_div_(numer, denom)
-            perturb = numer
+            perturb = torch._foreach_lerp(exp_avgs, grads, 1 - beta1)
+            torch._foreach_div_(perturb, denom)
+        elif per_tensor(denom):
+            for m, d in zip(exp_avgs, denom):
+                torch.div(m, d, out=d)  # into the denominator: no third buffer, one pass
+            perturb = denom
         else:
             perturb = torch._foreach_div(exp_avgs, denom)
-        step_sizes = [group["lr"] / (1 - beta1**s) for s in steps]
+        step_sizes = [group["lr"] * r / (1 - beta1**s) for s, r in zip(steps, roots)]
         self._apply(group, index, params, grads, perturb, step_sizes,
                     decay_divisor=1.0, project_updates_in_place=False)
 

@@ -6,7 +6,7 @@ import torch
 from torch.optim.optimizer import required
 
 from projbench.optim import compiled as K
-from projbench.optim._base import ProjectedOptimizer
+from projbench.optim._base import ProjectedOptimizer, per_tensor
 
 
 class SGDP(ProjectedOptimizer):
@@ -38,8 +38,7 @@ class SGDP(ProjectedOptimizer):
     def _update(self, group, params, grads, index):
         momentum, nesterov = group["momentum"], group["nesterov"]
         bufs = [self._state(p, "momentum") for p in params]
-        torch._foreach_mul_(bufs, momentum)
-        torch._foreach_add_(bufs, grads, alpha=1 - group["dampening"])
+        _momentum_(bufs, grads, momentum, group["dampening"])
         updates = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
         lr = group["lr"]
         self._apply(group, index, params, grads, updates, [lr] * len(params),
@@ -59,3 +58,15 @@ class SGDP(ProjectedOptimizer):
         step = K.kernel("sgd_step")
         for w, g, b, sl in zip(ws, gs, bufs, rows):
             step(w, g, b, K.column(coef, sl), K.column(a, sl), K.column(neg_lr, sl), momentum, nesterov)
+
+
+def _momentum_(bufs, grads, momentum: float, dampening: float) -> None:
+    """`buf = momentum * buf + (1 - dampening) * grad` for each pair (the official `mul_` then
+    `add_`): one pass over each buffer on the CPU when there is no dampening, two foreach
+    kernels otherwise."""
+    if dampening == 0 and per_tensor(bufs):
+        for buf, grad in zip(bufs, grads):
+            torch.add(grad, buf, alpha=momentum, out=buf)
+    else:
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, grads, alpha=1 - dampening)
