@@ -21,6 +21,10 @@ Timings are wall-clock by default. On a shared machine other processes inflate a
 `--clock cpu` times the process's CPU time instead (all its threads: steadier under load, but it
 counts the threads' spin-waiting too, so compare it only with itself).
 
+`--rev REV` (repeatable) adds our eager SGDP and AdamP as they were at git revision REV (read
+with `git archive` into a temporary package), in the same process, interleaved with the rest: the
+side-by-side way to tell whether a change to projbench/optim made the step faster.
+
 Families and their baselines: the SGD family (momentum 0.9, no Nesterov, weight decay 1e-4) is
 compared with torch.optim.SGD(foreach=True); the Adam family (lr 1e-3, betas (0.9, 0.999),
 weight decay 1e-2, decoupled) with torch.optim.AdamW(foreach=True), and also with the fused
@@ -31,15 +35,22 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import importlib.metadata
+import io
 import os
 import platform
+import re
 import shlex
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -64,8 +75,36 @@ class Entry:
     role: str = ""  # "baseline", "fused", "official", "ours" or ""
 
 
-def entries(device: str) -> list[Entry]:
-    """Per family: torch's foreach baseline (and fused on CUDA), the official, timm's and ours."""
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_revision(rev: str) -> tuple[str, ModuleType]:
+    """`projbench.optim` as it was at git revision `rev`, imported as `projbench_<sha>.optim`.
+
+    The revision's `projbench` package is extracted to a temporary folder and its absolute imports
+    are renamed, so that it loads beside the working tree's package in this process.
+    """
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        archive = subprocess.run(["git", "archive", "--format=tar", sha, "projbench"], cwd=ROOT, check=True,
+                                 capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        sys.exit(f"--rev {rev}: cannot read it from git ({getattr(e, 'stderr', b'') or e})")
+    name = f"projbench_{sha}"
+    folder = Path(tempfile.mkdtemp(prefix="bench_rev_"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    (folder / "projbench").rename(folder / name)
+    for py in (folder / name).rglob("*.py"):
+        py.write_text(re.sub(r"\bprojbench(?=[.\s])", name, py.read_text()))
+    sys.path.insert(0, str(folder))
+    return sha, importlib.import_module(f"{name}.optim")
+
+
+def entries(device: str, revisions: tuple[tuple[str, ModuleType], ...] = ()) -> list[Entry]:
+    """Per family: torch's foreach baseline (and fused on CUDA), the official, timm's and ours
+    (and ours at each `--rev`)."""
     families = [
         ("SGD", torch.optim.SGD, "SGDP", adamp.SGDP, timm.optim.SGDP, ours.SGDP, SGD_KW),
         ("Adam", torch.optim.AdamW, "AdamP", adamp.AdamP, timm.optim.AdamP, ours.AdamP, ADAM_KW),
@@ -85,6 +124,8 @@ def entries(device: str) -> list[Entry]:
             Entry(f"projbench {name} compiled=True (ours)", family,
                   lambda p, c=our_cls, kw=kw: c(p, compiled=True, **kw), "ours compiled"),
         ]
+        out += [Entry(f"projbench {name} at {sha}", family, lambda p, c=getattr(mod, name), kw=kw: c(p, **kw),
+                      f"rev {sha}") for sha, mod in revisions]
     return out
 
 
@@ -105,12 +146,13 @@ def sync(device: str) -> None:
 
 
 def bench_model(arch: str, device: str, rounds: int, warmup: int, grads_mode: str,
-                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+                clock: Callable[[], float] = time.perf_counter,
+                revisions: tuple[tuple[str, ModuleType], ...] = ()) -> dict[str, list[float]]:
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)().to(device)
     grads = make_grads(model, grads_mode, torch.Generator().manual_seed(1))
     optimizers = []
-    for entry in entries(device):
+    for entry in entries(device, revisions):
         params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
         for p, g in zip(params, grads):
             p.grad = g.clone()
@@ -129,9 +171,10 @@ def bench_model(arch: str, device: str, rounds: int, warmup: int, grads_mode: st
     return times
 
 
-def table(times: dict[str, list[float]], device: str) -> tuple[list[str], list[str]]:
+def table(times: dict[str, list[float]], device: str,
+          revisions: tuple[tuple[str, ModuleType], ...] = ()) -> tuple[list[str], list[str]]:
     """Markdown table rows and summary lines for one model."""
-    es = entries(device)
+    es = entries(device, revisions)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     by_role = {(e.family, e.role): e.name for e in es if e.role}
     cuda = device == "cuda"
@@ -149,6 +192,9 @@ def table(times: dict[str, list[float]], device: str) -> tuple[list[str], list[s
         official = med[by_role[(family, "official")]]
         for role in ("ours", "ours compiled"):
             summary.append(f"{family} family: official / {role} = {official / med[by_role[(family, role)]]:.2f}x")
+        for sha, _ in revisions:
+            ratio = med[by_role[(family, f"rev {sha}")]] / med[by_role[(family, "ours")]]
+            summary.append(f"{family} family: ours at {sha} / ours now = {ratio:.2f}x")
     return rows, summary
 
 
@@ -176,6 +222,8 @@ def main() -> None:
     parser.add_argument("--grads", default="random,invariant", help="comma-separated: random, invariant")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: time.perf_counter; cpu: time.process_time (CPU only)")
+    parser.add_argument("--rev", action="append", default=[], metavar="REV",
+                        help="also time our eager step as it was at this git revision (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="write a markdown report here")
     parser.add_argument("--append", action="store_true", help="add this run's report to --out instead of replacing it")
     args = parser.parse_args()
@@ -186,6 +234,7 @@ def main() -> None:
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
+    revisions = tuple(load_revision(rev) for rev in args.rev)
     grad_modes = args.grads.split(",")
     if not set(grad_modes) <= {"random", "invariant"}:
         parser.error(f"--grads: unknown kind in {args.grads!r}")
@@ -208,8 +257,8 @@ def main() -> None:
     for arch in args.models.split(","):
         n_params = sum(p.numel() for p in getattr(torchvision.models, arch)().parameters())
         for mode in grad_modes:
-            times = bench_model(arch, args.device, args.rounds, args.warmup, mode, clock)
-            rows, summary = table(times, args.device)
+            times = bench_model(arch, args.device, args.rounds, args.warmup, mode, clock, revisions)
+            rows, summary = table(times, args.device, revisions)
             title = f"## {arch} ({n_params / 1e6:.1f}M parameters), {mode} gradients: ms per step()"
             print("\n" + title, *rows, *summary, sep="\n", flush=True)
             report += [title, "", *rows, "", *[f"- {s}" for s in summary], ""]
