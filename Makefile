@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench device-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_optim.py --out results/bench_optim.md
+
+# Wheels that scripts/device_checks.sh installs on a GPU machine whose image lacks them (pure
+# Python: they install under any Python 3 there). Versions: those of this venv.
+DEVICE_WHEELS := adamp|hydra-core|omegaconf|antlr4-python3-runtime
+device-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip wheel --quiet --no-deps -w .whl $$($(BIN)/python -m pip list --format=freeze 2>/dev/null \
+		| grep -iE '^($(DEVICE_WHEELS))==')
+	ls .whl
 
 clean:
 	rm -rf outputs multirun .pytest_cache

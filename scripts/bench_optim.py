@@ -227,6 +227,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write a markdown report here")
     parser.add_argument("--append", action="store_true", help="add this run's report to --out instead of replacing it")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (the report gives quartiles)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
     if args.clock == "cpu" and args.device == "cuda":
