@@ -15,7 +15,8 @@ class SGDP(ProjectedOptimizer):
     Differences from the official code are only in how it runs: channels_last and other
     non-contiguous weights work, float16/bfloat16 weights are projected in float32 with float32
     state, the projection decision stays on the device (no host sync), and the per-element work
-    uses foreach kernels across all parameters of a group.
+    uses foreach kernels across all parameters of a group (on the CPU, where foreach is a loop
+    anyway, per-tensor ops that do two foreach passes' work in one).
 
     `compiled=True` (not in the official code) does each weight's row statistics and its step in
     one fused torch.compile kernel each (projbench/optim/compiled.py): the first step compiles,
