@@ -2,7 +2,7 @@
 # The GPU half of the optimizer issue (#2) and the loop benchmark's GPU run, in one command on a
 # lent GPU machine (/work/.library/device): the optimizer tests with their CUDA cases, the
 # optimizer step benchmark against torch's fused AdamW / foreach SGD, and the training-loop
-# overhead benchmark. About 5 minutes on one H100/H200 once the machine is up.
+# overhead benchmark. Not yet run on a GPU; my estimate is 5 minutes once the machine is up.
 #
 #   here:   make device-wheels                 # pure-Python wheels the GPU image lacks -> .whl/
 #   there:  bash scripts/device_checks.sh      # run with .whl carried; reports go to $OUT
