@@ -34,6 +34,7 @@ versions on CUDA.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import importlib
 import importlib.metadata
@@ -42,6 +43,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -93,6 +95,7 @@ def load_revision(rev: str) -> tuple[str, ModuleType]:
         sys.exit(f"--rev {rev}: cannot read it from git ({getattr(e, 'stderr', b'') or e})")
     name = f"projbench_{sha}"
     folder = Path(tempfile.mkdtemp(prefix="bench_rev_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(folder, filter="data")
     (folder / "projbench").rename(folder / name)
@@ -236,7 +239,8 @@ def main() -> None:
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
-    revisions = tuple(load_revision(rev) for rev in args.rev)
+    # one entry per commit, however many names (HEAD, a branch, a sha) point at it
+    revisions = tuple(dict(load_revision(rev) for rev in args.rev).items())
     grad_modes = args.grads.split(",")
     if not set(grad_modes) <= {"random", "invariant"}:
         parser.error(f"--grads: unknown kind in {args.grads!r}")

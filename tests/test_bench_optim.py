@@ -46,6 +46,6 @@ def test_revision_loads_beside_the_working_tree(bench):
     assert max((a - b).abs().max().item() for a, b in zip(weights, copies)) < 1e-10
 
 
-def test_unknown_revision_is_one_clear_line(bench, capsys):
+def test_unknown_revision_is_one_clear_line(bench):
     with pytest.raises(SystemExit, match="--rev no-such-rev: cannot read it from git"):
         bench.load_revision("no-such-rev")
