@@ -32,10 +32,13 @@ from tqdm import tqdm
 from projbench import diagnostics
 from projbench.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from projbench.errors import ConfigError, NonFiniteLossError
+from projbench.freezing import ParameterFreezer
 from projbench.optim import build_optimizer
 from projbench.optim.factory import check_optim_config
+from projbench.phases import PhasePlan, new_optimizer_schedule, set_base_lr
 from projbench.records import RunRecorder
 from projbench.schedules import build_scheduler, validate_schedule
+from projbench.selection import BestCheckpoint
 from projbench.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -133,7 +136,11 @@ class Trainer:
     steps_per_epoch: int
     total_steps: int
     recorder: RunRecorder
+    freezer: ParameterFreezer
+    selector: BestCheckpoint  # trainer.select_best
+    plan: PhasePlan  # trainer.phases
     step: int = 0
+    phase: int = 0  # the index in `plan` of the phase in force
 
     @property
     def epoch(self) -> float:
@@ -151,6 +158,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": _rng_state(),
             "wall_seconds": self.recorder.wall_seconds(),
+            "phase": self.phase,
+            "select_best": self.selector.state_dict(),
         }
         path = self.run_dir / CHECKPOINT
         tmp = path.with_suffix(".tmp")
@@ -160,24 +169,60 @@ class Trainer:
     def load_checkpoint(self, state: dict) -> int:
         """Restore everything `save_checkpoint` wrote (`state`: the loaded checkpoint)."""
         self.model.load_state_dict(state["model"])
+        self.phase = int(state.get("phase", 0))
+        phase = self.plan.optimizer_phase(self.phase)
+        if phase is not None:  # the optimizer in force then, before its state is loaded
+            self.optimizer, self.scheduler = new_optimizer_schedule(
+                phase, self.cfg.trainer.schedule, self._build_optimizer, self.steps_per_epoch, self.total_steps)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         self.recorder.wall_offset = float(state["wall_seconds"])
+        self.selector.load_state_dict(state.get("select_best"))
         self.step = int(state["step"])
         return self.step
 
+    # -- phases (projbench/phases.py) ----------------------------------------------------------
+    def _build_optimizer(self, optim_cfg: DictConfig) -> torch.optim.Optimizer:
+        return build_optimizer(optim_cfg, self.model, self.task.optimizer_groups(self.model))
+
+    def _enter_phases(self) -> None:
+        """Start the phases of trainer.phases whose first step comes next."""
+        while self.phase < self.plan.index_at(self.step):
+            self.phase += 1
+            phase = self.plan.phases[self.phase - 1]
+            if phase.reload_best:
+                self.selector.load_into(self.model)
+            if phase.optim is not None:
+                self.optimizer, self.scheduler = new_optimizer_schedule(
+                    phase, self.cfg.trainer.schedule, self._build_optimizer, self.steps_per_epoch, self.total_steps)
+            else:
+                set_base_lr(self.scheduler, phase.lr)
+            log.info("phase %s from step %d: %s, lr %.3g%s", phase.name, self.step, type(self.optimizer).__name__,
+                     self.optimizer.param_groups[0]["lr"], ", from the best model" if phase.reload_best else "")
+
     # -- the loop ------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, dict[str, float]]:
+    def evaluate(self, record: bool = True) -> dict[str, dict[str, float]]:
         self.model.eval()
         results = {}
         with torch.no_grad(), self._autocast():
             for split, loader in self.eval_loaders.items():
                 results[split] = self.task.evaluate(self.model, loader, self.device)
-                self.recorder.log(split, results[split], self.step, self.epoch)
+                if record:
+                    self.recorder.log(split, results[split], self.step, self.epoch)
         self.model.train()
         return results
+
+    def test_selected(self) -> dict | None:
+        """trainer.select_best: the kept model on every evaluation split, for summary.json's
+        "selection" (None when selection is off). Leaves that model in `self.model`."""
+        if not self.selector.enabled:
+            return None
+        results = self.evaluate(record=False) if self.selector.load_into(self.model) else None
+        selection = self.selector.summary(results)
+        self.recorder.log_selection(selection, self.step)
+        return selection
 
     def _autocast(self):
         dtype = AUTOCAST_DTYPES[str(self.cfg.trainer.precision)]
@@ -218,10 +263,12 @@ class Trainer:
         self.train_model.train()
         batches = self._batches()
         while self.step < self.total_steps:
+            self._enter_phases()
             batch = to_device(next(batches), self.device, tr.channels_last)
             with self._autocast():
                 loss = self.task.training_loss(self.train_model, batch)
             self.scaler.scale(loss).backward()
+            self.freezer.drop_grads(self.step)
             if tr.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
@@ -260,7 +307,7 @@ class Trainer:
                 losses_in_window, window_start = 0, time.perf_counter()
             bar.update(1)
             if self.step % eval_every == 0 or last:
-                self.evaluate()
+                self.selector.observe(self.evaluate(), self.step, self.epoch, self.model)
             if self.step % tr.ckpt_every == 0 or last:
                 self._check_finite(bad_step, loss_sum)
                 self.save_checkpoint()
@@ -312,6 +359,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     total = int(tr.max_steps) if tr.max_steps is not None else int(tr.max_epochs) * steps_per_epoch
     scheduler = build_scheduler(tr.schedule, optimizer, steps_per_epoch, total)
     scaler = torch.amp.GradScaler(device.type, enabled=str(tr.precision) == "fp16")
+    selector = BestCheckpoint(tr.get("select_best"), task.metrics, list(eval_loaders))
+    plan = PhasePlan(tr.get("phases"), steps_per_epoch, total, selecting=selector.enabled)
 
     train_model = model
     if dist.enabled:
@@ -326,7 +375,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     resume_step = int(state["step"]) if state is not None else None
     recorder = RunRecorder(run_dir, cfg, task.metrics, enabled=dist.is_main, resume_step=resume_step)
     trainer = Trainer(cfg, run_dir, dist, device, task, model, train_model, optimizer, scheduler, scaler,
-                      train_loader, eval_loaders, steps_per_epoch, total, recorder)
+                      train_loader, eval_loaders, steps_per_epoch, total, recorder,
+                      ParameterFreezer(task, model, steps_per_epoch), selector, plan)
     if state is not None:
         trainer.load_checkpoint(state)
         log.info("resumed from %s at step %d", ckpt, trainer.step)
@@ -343,10 +393,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     trainer.recorder.write_summary(status="running", steps=trainer.step, epoch=trainer.epoch, extra=extra, **common)
     try:
         trainer.fit()
+        selection = trainer.test_selected()
     except BaseException as exc:
         trainer.recorder.write_summary(status="failed", steps=trainer.step, epoch=trainer.epoch,
                                        extra=extra, error=str(exc) or type(exc).__name__, **common)
         raise
+    if selection is not None:
+        extra["selection"] = selection
     if trainer.dist.is_main:
         history = trainer.recorder.history()
         extra["derived"] = trainer.task.summarize(history)
