@@ -6,7 +6,9 @@ It knows nothing about the task beyond projbench.tasks.base.Task, and nothing ab
 beyond torch.optim.Optimizer. Per step it does what a bare PyTorch loop does (forward, backward,
 optimizer step, scheduler step) plus two tiny device-side ops that remember the first non-finite
 loss; it reads values on the host only every `log_every` steps, at evaluations, diagnostics and
-checkpoints.
+checkpoints. Three hooks live in their own modules: parameters a task freezes for an epoch
+(freezing.py, between backward and step), the model kept on a validation metric (selection.py,
+after each evaluation and at the end) and optimizer phases (phases.py, before a step).
 """
 
 from __future__ import annotations
@@ -214,7 +216,7 @@ class Trainer:
         self.model.train()
         return results
 
-    def test_selected(self) -> dict | None:
+    def evaluate_selected(self) -> dict | None:
         """trainer.select_best: the kept model on every evaluation split, for summary.json's
         "selection" (None when selection is off). Leaves that model in `self.model`."""
         if not self.selector.enabled:
@@ -393,7 +395,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     trainer.recorder.write_summary(status="running", steps=trainer.step, epoch=trainer.epoch, extra=extra, **common)
     try:
         trainer.fit()
-        selection = trainer.test_selected()
+        selection = trainer.evaluate_selected()
     except BaseException as exc:
         trainer.recorder.write_summary(status="failed", steps=trainer.step, epoch=trainer.epoch,
                                        extra=extra, error=str(exc) or type(exc).__name__, **common)
