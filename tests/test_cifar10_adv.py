@@ -195,6 +195,7 @@ def test_fixture_values_replace_the_recipe_and_bad_attack_settings_are_config_er
     assert real.model_name() == "wrn-34-10" and real.eval_attack.eps == pytest.approx(80 / 255)
     assert real.eval_attack.steps == 20 and "pgd20_top1" in real.metrics
     for override, key in [("task.attack.norm=l1", "task.attack.norm"), ("task.attack.eps=4//255", "task.attack.eps"),
+                          ("task.attack.eps=8", "task.attack.eps"),
                           ("task.eval_attack.steps=0", "task.eval_attack.steps"),
                           ("task.attack.bn_mode=frozen", "task.attack.bn_mode")]:
         with pytest.raises(ConfigError, match=key):

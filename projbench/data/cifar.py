@@ -74,7 +74,7 @@ def _unpickle(path: Path, hint: str | None) -> dict:
     try:
         with path.open("rb") as f:
             content = _ArraysOnly(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a corrupt pickle fails in many ways; each is a data error
         raise DataError(path, f"cannot be read as a CIFAR-10 python batch ({type(exc).__name__}: {exc}); "
                               "the file may be truncated or corrupt", hint) from None
     if not isinstance(content, dict):

@@ -69,6 +69,8 @@ class Attack:
         self.norm = str(cfg.norm)
         self.eps = pixel_fraction(cfg.eps, f"{key}.eps")
         self.step_size = pixel_fraction(cfg.step_size, f"{key}.step_size")
+        if self.norm == "linf" and self.eps > 1:  # e.g. 8 meant as robust_overfitting's --epsilon 8
+            raise ConfigError(f"{key}.eps", f"{cfg.eps} exceeds the whole [0, 1] pixel range; write 8/255 for 8 levels")
         self.steps, self.restarts = int(cfg.steps), int(cfg.restarts)
         self.random_init = bool(cfg.random_start)
 
