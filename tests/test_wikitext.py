@@ -207,8 +207,10 @@ def test_final_evaluation_is_eval_py_protocol_by_hand(data_dir):
 
 
 def test_eval_protocols_are_checked_before_training(data_dir):
-    with pytest.raises(ConfigError, match="task.final_eval.same_length"):
+    with pytest.raises(ConfigError, match="task.final_eval: same_length needs a memory"):
         make_task(data_dir, "task.final_eval.mem_len=0")
+    with pytest.raises(ConfigError, match="task.model: same_length needs a memory"):
+        make_task(data_dir, "task.model.same_length=true", "task.model.mem_len=0", "task.eval.mem_len=16").build_model()
     with pytest.raises(ConfigError, match="task.eval.tgt_len"):
         make_task(data_dir, "task.eval.tgt_len=0")
     with pytest.raises(ConfigError, match=r"task.model: weight_norm: unknown layers \['ff'\]"):

@@ -54,6 +54,10 @@ class Context:
     clamp_len: int = -1
     same_length: bool = False
 
+    def __post_init__(self):
+        if self.same_length and self.mem_len <= 0:
+            raise ValueError("same_length needs a memory (mem_len > 0): each token sees mem_len positions")
+
 
 def rel_shift(x: Tensor) -> Tensor:
     """(B, H, Q, K) scores against distances K-1 .. 0 (column c: distance K-1-c) -> scores where

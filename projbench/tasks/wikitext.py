@@ -59,10 +59,11 @@ class EvalProtocol:
         for name in ("batch_size", "tgt_len"):
             if int(node[name]) <= 0:
                 raise ConfigError(f"{key}.{name}", f"must be > 0, got {node[name]}")
-        if node.same_length and int(node.mem_len) <= 0:
-            raise ConfigError(f"{key}.same_length", "needs a memory (mem_len > 0): each token sees mem_len positions")
-        return cls(int(node.batch_size), int(node.tgt_len),
-                   Context(int(node.mem_len), int(node.clamp_len), bool(node.same_length)))
+        try:
+            context = Context(int(node.mem_len), int(node.clamp_len), bool(node.same_length))
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+        return cls(int(node.batch_size), int(node.tgt_len), context)
 
 
 class EvalSegments(OrderedSegments):
