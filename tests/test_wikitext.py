@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from conftest import make_cfg, read_summary, run_cli
+from projbench import tables
 from projbench.data.wikitext import EOS, FILES, HF_SPLITS, UNK, Corpus, OrderedSegments, load_corpus
 from projbench.distributed import DistInfo
 from projbench.errors import ConfigError, DataError
@@ -421,17 +422,17 @@ def test_ddp_two_ranks_match_one_rank_and_checkpoint_the_global_memory(data_dir,
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
 
 
-def test_table7_sweep_fills_its_four_cells_beside_the_papers_numbers(data_dir, tmp_path):
+def test_table7_sweep_fills_its_four_cells_beside_the_papers_numbers(data_dir, tmp_path, capsys):
     sweep = tmp_path / "multirun"
     out = run_cli(["-m", "+experiment=wikitext_table7", *TINY[1:], f"paths.data_dir={data_dir}", "trainer.max_steps=2",
                    "trainer.eval_every=2", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     summaries = [read_summary(d) for d in sorted(sweep.iterdir()) if (d / "summary.json").exists()]
     assert len(summaries) == 4
-    out = run_cli(["--runs", str(sweep), "--table", "table7", "--format", "csv", "--out", str(tmp_path / "res")],
-                  tmp_path, runner=[sys.executable, "-m", "projbench.tables"])
-    assert out.returncode == 0, out.stderr
-    cells = {(row["row"], row["column"]): row for row in csv.DictReader(io.StringIO(out.stdout))}
+    capsys.readouterr()
+    assert tables.main(["--runs", str(sweep), "--table", "table7", "--format", "csv", "--out", str(tmp_path / "res"),
+                        "--no-figures"]) == 0
+    cells = {(row["row"], row["column"]): row for row in csv.DictReader(io.StringIO(capsys.readouterr().out))}
     paper = {("Transformer-XL", "AdamW"): 23.38, ("Transformer-XL", "AdamP"): 23.26,
              ("Transformer-XL + WN", "AdamW"): 23.96, ("Transformer-XL + WN", "AdamP"): 22.77}
     assert set(cells) == set(paper)
