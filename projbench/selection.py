@@ -98,12 +98,10 @@ class BestCheckpoint:
         model.load_state_dict(self.state)
         return True
 
-    def summary(self, results: dict[str, dict[str, float]] | None) -> dict:
+    def summary(self, metrics: dict[str, float]) -> dict:
         """summary.json's "selection": the rule, the chosen evaluation, and the metrics of its model
         ("<split>/<name>" -> value) on every evaluation split."""
         chosen = self.chosen
         return {"metric": self.metric, "mode": self.mode, "from_epoch": self.from_epoch,
                 "step": chosen.step if chosen else None, "epoch": round(chosen.epoch, 4) if chosen else None,
-                "value": chosen.value if chosen else None,
-                "metrics": {f"{split}/{name}": value for split, values in (results or {}).items()
-                            for name, value in values.items()}}
+                "value": chosen.value if chosen else None, "metrics": metrics}

@@ -150,6 +150,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        task_state = self.task.state_dict()  # on every rank: a task may gather its ranks' state
         if not self.dist.is_main:
             return
         state = {
@@ -160,6 +161,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": _rng_state(),
             "wall_seconds": self.recorder.wall_seconds(),
+            "task": task_state,
             "phase": self.phase,
             "select_best": self.selector.state_dict(),
         }
@@ -179,6 +181,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        self.task.load_state_dict(state.get("task", {}))
         _set_rng_state(state["rng"])
         self.recorder.wall_offset = float(state["wall_seconds"])
         self.selector.load_state_dict(state.get("select_best"))
@@ -205,11 +208,13 @@ class Trainer:
                      self.optimizer.param_groups[0]["lr"], ", from the best model" if phase.reload_best else "")
 
     # -- the loop ------------------------------------------------------------------------------
-    def evaluate(self, record: bool = True) -> dict[str, dict[str, float]]:
+    def evaluate(self, loaders: dict | None = None, record: bool = True) -> dict[str, dict[str, float]]:
+        """Evaluate on `loaders` (default: the task's eval loaders) and log under their names
+        (`record=False`: only return the metrics)."""
         self.model.eval()
         results = {}
         with torch.no_grad(), self._autocast():
-            for split, loader in self.eval_loaders.items():
+            for split, loader in (self.eval_loaders if loaders is None else loaders).items():
                 results[split] = self.task.evaluate(self.model, loader, self.device)
                 if record:
                     self.recorder.log(split, results[split], self.step, self.epoch)
@@ -217,12 +222,22 @@ class Trainer:
         return results
 
     def evaluate_selected(self) -> dict | None:
-        """trainer.select_best: the kept model on every evaluation split, for summary.json's
-        "selection" (None when selection is off). Leaves that model in `self.model`."""
+        """trainer.select_best: the kept model's metrics on every evaluation split and the task's
+        final protocol, for summary.json's "selection" (None when selection is off). When the kept
+        model is the final one these are its logged metrics; otherwise it is loaded into
+        `self.model` and evaluated."""
         if not self.selector.enabled:
             return None
-        results = self.evaluate(record=False) if self.selector.load_into(self.model) else None
-        selection = self.selector.summary(results)
+        loaders = {**self.eval_loaders, **self._final_eval_loaders()}
+        chosen = self.selector.chosen
+        if chosen is not None and chosen.step == self.step:  # the final model: its last logged metrics
+            metrics = {key: value for key, value in self.recorder.final.items() if key.split("/")[0] in loaders}
+        elif self.selector.load_into(self.model):
+            metrics = {f"{split}/{name}": value for split, values in self.evaluate(loaders, record=False).items()
+                       for name, value in values.items()}
+        else:
+            metrics = {}
+        selection = self.selector.summary(metrics)
         self.recorder.log_selection(selection, self.step)
         return selection
 
@@ -314,7 +329,14 @@ class Trainer:
                 self._check_finite(bad_step, loss_sum)
                 self.save_checkpoint()
         bar.close()
+        # the task's final evaluation protocol, if it has one: once, also when a resumed run had done its steps
+        final_loaders = self._final_eval_loaders()
+        if final_loaders:
+            self.evaluate(final_loaders)
         return self.recorder.final
+
+    def _final_eval_loaders(self) -> dict:
+        return self.task.final_eval_loaders(int(self.cfg.task.data.batch_size) // self.dist.world_size, self.dist)
 
     def _check_finite(self, bad_step: torch.Tensor, loss_sum: torch.Tensor) -> None:
         step = int(bad_step.item())

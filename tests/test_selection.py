@@ -91,6 +91,9 @@ def test_the_best_validation_checkpoint_is_tested_beside_the_final_model(tmp_pat
     late = train(make_cfg(SCRIPTED + ["trainer.max_steps=10", "trainer.select_best.metric=val/gap",
                                       "trainer.select_best.from_epoch=5"]), tmp_path / "late")
     assert late["selection"]["step"] == 5, "evaluations before from_epoch are not candidates"
+    last = train(make_cfg(SCRIPTED + ["trainer.max_steps=10", "trainer.select_best.metric=test/w"]), tmp_path / "last")
+    assert last["selection"]["step"] == 10, "w grows at every step: the final model is the best"
+    assert last["selection"]["metrics"] == {key: entry["final"] for key, entry in last["metrics"].items()}
     off = train(make_cfg(SCRIPTED + ["trainer.max_steps=3"]), tmp_path / "off")
     assert "selection" not in off
 
