@@ -67,8 +67,15 @@ class ImageFolderSplit(ImageFolder):
         return sorted(mapping, key=mapping.get), mapping
 
     def __getitem__(self, index: int):
+        image, target, _ = self.load(index)
+        return image, target
+
+    def load(self, index: int):
+        """(image, target, the index of the sample returned): `index`, or with on_bad_image=skip
+        the next readable one (so per-sample data kept beside the folder can follow it)."""
         for attempt in range(MAX_CONSECUTIVE_BAD + 1):
-            path, target = self.samples[(index + attempt) % len(self.samples)]
+            used = (index + attempt) % len(self.samples)
+            path, target = self.samples[used]
             try:
                 image = self.loader(path)
             except DECODE_ERRORS as exc:
@@ -83,7 +90,7 @@ class ImageFolderSplit(ImageFolder):
                 image = self.transform(image)
             if self.target_transform is not None:
                 target = self.target_transform(target)
-            return image, target
+            return image, target, used
         raise DataError(self.root, f"{MAX_CONSECUTIVE_BAD + 1} image files in a row, from "
                                    f"{self.samples[index][0]} on, cannot be decoded; is the data set intact?")
 
@@ -107,5 +114,26 @@ def read_split(root: Path, split: str, transform: Callable | None = None, on_bad
                                        f"({len(unknown)} in all) are not among the training classes", hint)
     try:
         return ImageFolderSplit(directory, transform, on_bad_image, class_to_idx)
+    except FileNotFoundError as exc:  # a class folder without one file of an image extension
+        raise DataError(directory, str(exc).strip(), hint) from None
+
+
+def read_class_subset(directory: Path, class_of: dict[str, int], transform: Callable | None = None,
+                      on_bad_image: str = "skip", hint: str | None = None,
+                      require_all: bool = True) -> ImageFolderSplit:
+    """The class folders of `directory` that `class_of` names (folder name -> class index; several
+    folders may share a class), every other folder ignored: a subset of ImageNet's classes
+    regrouped into fewer classes. With `require_all`, every named folder must be there; without,
+    those present are read (at least one must be)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(directory, "not found; expected class folders <wnid>/<image>", hint)
+    present = {name: index for name, index in class_of.items() if (directory / name).is_dir()}
+    missing = sorted(set(class_of) - set(present))
+    if not present or (require_all and missing):
+        raise DataError(directory, f"lacks {len(missing)} of the {len(class_of)} class folders the task reads "
+                                   f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})", hint)
+    try:
+        return ImageFolderSplit(directory, transform, on_bad_image, present)
     except FileNotFoundError as exc:  # a class folder without one file of an image extension
         raise DataError(directory, str(exc).strip(), hint) from None
