@@ -134,6 +134,9 @@ def test_task_draws_backgrounds_in_the_class_colour_at_rate_rho(fixture_root):
     assert torch.equal(again.train_dataset().renderings[0], train.renderings[0]), "the seed fixes the colouring"
     with pytest.raises(ConfigError, match="task.data.rho"):
         ready_task(fixture_root, "task.data.rho=1.5")
+    for key, value in (("sigma", "mean"), ("sigma", "0"), ("g_lambda", "-1")):
+        with pytest.raises(ConfigError, match=f"task.rebias.{key}"):
+            ready_task(fixture_root, f"task.rebias.{key}={value}")
 
 
 # -- training ---------------------------------------------------------------------------------

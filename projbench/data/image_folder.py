@@ -4,8 +4,10 @@
     <root>/val/<wnid>/*.JPEG       (the official flat val archive sorted into class folders)
 
 `read_split` checks the layout before anything trains and turns every problem into a DataError
-that names the path and what was expected. A file that cannot be decoded shows up only when it
-is read; `on_bad_image` decides what happens then:
+that names the path and what was expected. `read_class_subset` reads only the class folders it is
+given (e.g. the 42 ImageNet classes of 9-class ImageNet, several folders to one class) and
+ignores the others. A file that cannot be decoded shows up only when it is read; `on_bad_image`
+decides what happens then:
 
   raise  BadImageError (a DataError) naming the file; the run stops with exit code 2.
   skip   a warning naming the file (logged once per file in each loader process), and the next
@@ -112,10 +114,7 @@ def read_split(root: Path, split: str, transform: Callable | None = None, on_bad
         if unknown:
             raise DataError(directory, f"class folders {unknown[:5]}{' ...' if len(unknown) > 5 else ''} "
                                        f"({len(unknown)} in all) are not among the training classes", hint)
-    try:
-        return ImageFolderSplit(directory, transform, on_bad_image, class_to_idx)
-    except FileNotFoundError as exc:  # a class folder without one file of an image extension
-        raise DataError(directory, str(exc).strip(), hint) from None
+    return _open_folder(directory, transform, on_bad_image, class_to_idx, hint)
 
 
 def read_class_subset(directory: Path, class_of: dict[str, int], transform: Callable | None = None,
@@ -133,7 +132,12 @@ def read_class_subset(directory: Path, class_of: dict[str, int], transform: Call
     if not present or (require_all and missing):
         raise DataError(directory, f"lacks {len(missing)} of the {len(class_of)} class folders the task reads "
                                    f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})", hint)
+    return _open_folder(directory, transform, on_bad_image, present, hint)
+
+
+def _open_folder(directory: Path, transform: Callable | None, on_bad_image: str,
+                 class_to_idx: dict[str, int] | None, hint: str | None) -> ImageFolderSplit:
     try:
-        return ImageFolderSplit(directory, transform, on_bad_image, present)
+        return ImageFolderSplit(directory, transform, on_bad_image, class_to_idx)
     except FileNotFoundError as exc:  # a class folder without one file of an image extension
         raise DataError(directory, str(exc).strip(), hint) from None

@@ -2,6 +2,7 @@
 
 from projbench.models.centernet import CenterNet
 from projbench.models.harmonic_cnn import HarmonicCNN
+from projbench.models.rebias import BagNet18, SimpleConvNet
 from projbench.models.transformer_xl import TransformerXL
 
-__all__ = ["CenterNet", "HarmonicCNN", "TransformerXL"]
+__all__ = ["BagNet18", "CenterNet", "HarmonicCNN", "SimpleConvNet", "TransformerXL"]

@@ -40,6 +40,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric
 
+from projbench.errors import ConfigError
 from projbench.hsic import median_sigma, rbf_hsic
 from projbench.models.rebias import ReBiasPair, build_network
 from projbench.tasks.base import Task
@@ -74,6 +75,16 @@ class ReBiasTask(Task):
     """A task whose model is a ReBiasPair of `task.model.f` and `task.model.g` (each an `arch`
     for projbench.models.rebias.build_network and its `kwargs`); subclasses give the data and
     evaluate."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        rebias = cfg.rebias
+        for key in ("f_lambda", "g_lambda"):
+            if not isinstance(rebias[key], (int, float)) or rebias[key] < 0:
+                raise ConfigError(f"task.rebias.{key}", f"must be a number >= 0, got {rebias[key]!r}")
+        sigma = rebias.sigma
+        if sigma != MEDIAN and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma <= 0):
+            raise ConfigError("task.rebias.sigma", f"must be a kernel bandwidth > 0 or {MEDIAN!r}, got {sigma!r}")
 
     @property
     @abstractmethod
