@@ -11,8 +11,8 @@ from torch import nn
 
 from projbench.errors import ConfigError
 
-# Keys of conf/optim/*.yaml that are ours, not the optimizer's arguments (`sources`: where a task
-# file's optimizer values come from).
+# Keys of conf/optim/*.yaml that are ours, not the optimizer's arguments (`sources`: where each
+# recipe value comes from, as a task yaml may write beside optim.lr).
 _META_KEYS = ("name", "_target_", "no_decay_bias_norm", "sources")
 
 
