@@ -32,7 +32,11 @@ from omegaconf import DictConfig, OmegaConf
 
 PAPER_YAML = Path(__file__).resolve().parent.parent / "results" / "paper.yaml"
 FORMATS = {"md": "md", "latex": "tex", "csv": "csv"}
-CSV_FIELDS = ["table", "row", "column", "metric", "units", "direction", "mean", "std", "n", "seeds",
+# Which value of a run's metric a cell takes: the last evaluation's, the best over the run's
+# evaluations (as papers that report their best epoch on the test set), or that of the model
+# chosen on a validation split (trainer.select_best; summary.json's "selection").
+VALUES = ("final", "best", "selected")
+CSV_FIELDS = ["table", "row", "column", "metric", "value", "units", "direction", "mean", "std", "n", "seeds",
               "paper", "base", "delta", "paper_delta", "excluded", "models"]
 
 
@@ -53,6 +57,7 @@ class Axis:
     units: str | None = None
     mean_of: tuple[str, ...] = ()  # derived: the mean of these columns' (rows') means
     info: dict[str, Any] = field(default_factory=dict)
+    value: str | None = None       # replaces the table's value (final | best | selected) for its cells
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,7 @@ class TableSpec:
     title: str
     experiment: str | None
     metric: str
-    value: str                     # final | best
+    value: str                     # final | best | selected (VALUES)
     direction: str
     units: str
     decimals: int
@@ -89,12 +94,13 @@ def _merge_selects(where: str, *selects: dict[str, Any]) -> dict[str, Any]:
 
 def _axis(table: str, kind: str, name: str, raw: dict | None) -> Axis:
     raw = dict(raw or {})
-    unknown = set(raw) - {"select", "base", "metric", "direction", "units", "mean_of", "info"}
+    unknown = set(raw) - {"select", "base", "metric", "direction", "units", "mean_of", "info", "value"}
     if unknown:
         raise SpecError(f"{table}: {kind} {name!r} has unknown keys {sorted(unknown)}")
     return Axis(name=str(name), select=dict(raw.get("select") or {}), base=raw.get("base"),
                 metric=raw.get("metric"), direction=raw.get("direction"), units=raw.get("units"),
-                mean_of=tuple(raw.get("mean_of") or ()), info=dict(raw.get("info") or {}))
+                mean_of=tuple(raw.get("mean_of") or ()), info=dict(raw.get("info") or {}),
+                value=raw.get("value"))
 
 
 def _table(name: str, raw: dict) -> TableSpec:
@@ -116,10 +122,12 @@ def _table(name: str, raw: dict) -> TableSpec:
 
 def _validate(spec: TableSpec) -> None:
     row_names, col_names = [r.name for r in spec.rows], [c.name for c in spec.columns]
-    if spec.value not in ("final", "best"):
-        raise SpecError(f"{spec.name}: value must be final or best, got {spec.value!r}")
+    if spec.value not in VALUES:
+        raise SpecError(f"{spec.name}: value must be one of {', '.join(VALUES)}, got {spec.value!r}")
     for kind, axes, names in (("row", spec.rows, row_names), ("column", spec.columns, col_names)):
         for axis in axes:
+            if axis.value is not None and axis.value not in VALUES:
+                raise SpecError(f"{spec.name}: {kind} {axis.name!r}: value must be one of {', '.join(VALUES)}")
             if (axis.direction or spec.direction) not in ("max", "min"):
                 raise SpecError(f"{spec.name}: {kind} {axis.name!r}: direction must be max or min")
             for ref in ([axis.base] if axis.base else []) + list(axis.mean_of):
@@ -194,10 +202,15 @@ class Run:
         return None if value is _ABSENT else value
 
     def metric(self, key: str, which: str = "final") -> float | None:
-        entry = self.summary.get("metrics", {}).get(key)
-        if not isinstance(entry, dict) or entry.get(which) is None:
+        """The run's `which` value (VALUES) of metric `key`; None if it has none."""
+        if which == "selected":
+            value = ((self.summary.get("selection") or {}).get("metrics") or {}).get(key)
+        else:
+            entry = self.summary.get("metrics", {}).get(key)
+            value = entry.get(which) if isinstance(entry, dict) else None
+        if value is None:
             return None
-        value = float(entry[which])
+        value = float(value)
         return value if math.isfinite(value) else None
 
 
@@ -257,6 +270,9 @@ def runs_from_wandb(path: str, api: Any = None) -> list[Run]:
         metrics = {key: {"final": value} for key, value in summary.items()
                    if "/" in key and not key.startswith("_") and isinstance(value, (int, float))
                    and not isinstance(value, bool)}
+        # the selected model's metrics, logged as selected/<split>/<name> (RunRecorder.log_selection)
+        selected = {key.removeprefix("selected/"): metrics.pop(key)["final"]
+                    for key in [k for k in metrics if k.startswith("selected/")]}
         status = summary.get("status") or WANDB_STATES.get(str(getattr(wb, "state", "")).lower(), "unknown")
         created = getattr(wb, "created_at", None)
         try:
@@ -266,6 +282,7 @@ def runs_from_wandb(path: str, api: Any = None) -> list[Run]:
         model = _select_plain(config, "task.model.arch")
         runs.append(Run(id=f"{path}/{wb.id}", config=config, timestamp=timestamp, summary={
             "status": status, "seed": config.get("seed"), "metrics": metrics,
+            "selection": {"metrics": selected} if selected else None,
             "model": None if model is _ABSENT else model}))
     return runs
 
@@ -301,6 +318,7 @@ class Cell:
     units: str
     direction: str
     paper: float | None
+    value: str = "final"           # which value of each run's metric (VALUES)
     values: list[float] = field(default_factory=list)
     seeds: list[Any] = field(default_factory=list)
     models: set[str] = field(default_factory=set)
@@ -355,7 +373,8 @@ def build_table(spec: TableSpec, runs: list[Run]) -> TableResult:
     for row in spec.rows:
         for column in spec.columns:
             metric = column.metric or row.metric or spec.metric
-            cell = Cell(row=row.name, column=column.name, metric=metric,
+            which = column.value or row.value or spec.value
+            cell = Cell(row=row.name, column=column.name, metric=metric, value=which,
                         units=column.units or row.units or spec.units,
                         direction=column.direction or row.direction or spec.direction,
                         paper=spec.paper.get(row.name, {}).get(column.name),
@@ -369,11 +388,11 @@ def build_table(spec: TableSpec, runs: list[Run]) -> TableResult:
                 if not run_matches(run, select):
                     continue
                 reason = None
-                value = run.metric(metric, spec.value)
+                value = run.metric(metric, which)
                 if run.status != "completed":
                     reason = run.status
                 elif value is None:
-                    reason = f"without {metric}"
+                    reason = f"without {metric}" if which == "final" else f"without a {which} {metric}"
                 if reason is not None:
                     excluded[reason][run.id] = f"{cell.name} seed {run.seed}"
                     cell.excluded[reason] = cell.excluded.get(reason, 0) + 1
@@ -444,6 +463,10 @@ def _footnotes(result: TableResult) -> list[str]:
     spec = result.spec
     notes = [f"Cells: mean ± sample std over n seeds of each run's {spec.value} value; paper: the "
              "paper's number; Δ: the projected optimizer minus its base, ours (paper)."]
+    other = [f"{axis.name}: each run's {axis.value} value" for axis in (*spec.rows, *spec.columns)
+             if axis.value is not None and axis.value != spec.value]
+    if other:
+        notes.append("except " + "; ".join(other))
     if spec.experiment:
         notes.append(f"Runs: python -m projbench -m +experiment={spec.experiment}")
     if result.missing:
@@ -531,6 +554,7 @@ def csv_rows(result: TableResult) -> list[dict[str, Any]]:
     for cell in result.cells.values():
         out.append({
             "table": result.spec.name, "row": cell.row, "column": cell.column, "metric": cell.metric,
+            "value": cell.value,
             "units": cell.units, "direction": cell.direction, "mean": _plain(cell.mean), "std": _plain(cell.std),
             "n": cell.n, "seeds": " ".join(map(str, cell.seeds)), "paper": _plain(cell.paper),
             "base": "/".join(cell.base) if cell.base else "", "delta": _plain(cell.delta),

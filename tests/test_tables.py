@@ -160,6 +160,35 @@ def test_selectors_route_runs_to_their_cells_and_deltas_follow_the_paper():
     assert t4b.cells[("AdamP", "avg")].mean is None and "AdamP/avg" not in t4b.missing
 
 
+def test_cells_take_the_value_their_table_row_or_column_names():
+    """Proxy-Anchor and CutMix report their best test epoch, the Harmonic CNN code its best
+    validation checkpoint: paper.yaml says so per table (Tables 5, 6) or per row (Table 1's CutMix
+    row), and each cell reads that value of every run."""
+    specs = load_spec()
+    assert (specs["table5"].value, specs["table6"].value, specs["table1"].value) == ("selected", "best", "final")
+
+    def run(config: dict, metric: str, final: float, best: float, selected: float | None = None) -> Run:
+        summary = {"status": "completed", "seed": 0,
+                   "metrics": {metric: {"final": final, "best": best, "best_step": 10, "best_epoch": 1.0}}}
+        if selected is not None:
+            summary["selection"] = {"metric": "val/loss", "step": 7, "metrics": {metric: selected}}
+        return Run(id=f"fake{next(_ids)}", config=config, summary=summary)
+
+    net = {"task": {"name": "imagenet", "model": {"arch": "resnet50"}}, "optim": {"name": "sgd", "weight_decay": 1e-4}}
+    cutmix = {**net, "task": {**net["task"], "cutmix": True}}
+    t1 = build_table(specs["table1"], [run(net, "val/top1", 76.0, 76.5), run(cutmix, "val/top1", 77.0, 77.6)])
+    assert t1.cells[("ResNet50", "SGD")].mean == 76.0 and t1.cells[("ResNet50", "SGD")].value == "final"
+    assert t1.cells[("ResNet50 + CutMix", "SGD")].mean == 77.6
+    assert any("ResNet50 + CutMix: each run's best value" in note for note in tables._footnotes(t1))
+    tagging = {"task": {"name": "mtat"}, "optim": {"name": "adam"}}
+    t5 = build_table(specs["table5"], [run(tagging, "test/roc_auc", 90.0, 91.0, selected=90.5),
+                                       run(tagging, "test/roc_auc", 89.0, 92.0)])
+    roc = t5.cells[("Adam", "Music tagging ROC-AUC")]
+    assert (roc.mean, roc.n) == (90.5, 1)
+    # a run without a selection (trainer.select_best off) is left out, and the table says why
+    assert roc.excluded == {"without a selected test/roc_auc": 1}
+
+
 class _FakeWandbRun:
     def __init__(self, run_id, optim, seed, top1, state="finished"):
         self.id, self.state, self.created_at = run_id, state, "2026-01-01T00:00:00Z"
@@ -190,6 +219,11 @@ def test_wandb_runs_fill_tables_like_run_directories():
     assert result.cells[("SGDP", "Top-1")].delta == pytest.approx(2.0)
     assert result.excluded == {"failed": {"me/projbench/d": "Adam/Top-1 seed 0"}}
     assert result.missing == ["Adam/Top-1", "AdamP/Top-1"]
+    selected = _FakeWandbRun("e", "adam", 0, 91.0)
+    selected.summary_metrics["selected/test/top1"] = 95.0      # RunRecorder.log_selection's key
+    (run,) = runs_from_wandb("me/projbench", api=_FakeApi([selected]))
+    assert run.metric("test/top1", "selected") == 95.0 and run.metric("test/top1") == 91.0
+    assert "selected/test/top1" not in run.summary["metrics"]
 
 
 def _latex_cells(row: str) -> int:
@@ -225,4 +259,4 @@ def test_latex_and_csv_are_well_formed(sweep):
     digits_tex = tables.render_latex(build_table(specs["digits"], runs))
     assert "(n=2)" in digits_tex and r"$\pm$" in digits_tex
     table1_csv = tables.render_csv(build_table(specs["table1"], runs))
-    assert "table1,ResNet18,SGDP,val/top1,%,max,,,0,,70.73,ResNet18/SGD,,0.45," in table1_csv
+    assert "table1,ResNet18,SGDP,val/top1,final,%,max,,,0,,70.73,ResNet18/SGD,,0.45," in table1_csv
