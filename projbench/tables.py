@@ -41,7 +41,7 @@ FORMATS = {"md": "md", "latex": "tex", "csv": "csv"}
 # One line per cell (record "cell"), then one per claim and one per device kind (record "claim" /
 # "compute": `text` holds the line, `n` the runs and `device_seconds` the compute).
 CSV_FIELDS = ["record", "table", "row", "column", "metric", "value", "units", "direction", "mean", "std", "n",
-              "seeds", "ci_low", "ci_high", "paper", "paper_in_ci", "final_mean", "final_std", "base", "delta",
+              "seeds", "values", "ci_low", "ci_high", "paper", "paper_in_ci", "final_mean", "final_std", "base", "delta",
               "delta_ci_low", "delta_ci_high", "delta_test", "delta_pairs", "delta_df", "verdict", "paper_delta",
               "excluded", "models", "device_seconds", "text"]
 VALUE_KINDS = ("final", "best")
@@ -681,6 +681,20 @@ def _summary_lines(result: TableResult) -> list[str]:
     return [f"Claim: {claim.text()}" for claim in result.claims()] + [compute_line(result)]
 
 
+def _comparison_table(result: TableResult) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the projected-minus-base comparisons (the paper's Δ where it has one)."""
+    d = result.spec.decimals
+    with_paper = any(cell.paper_delta is not None for cell in result.pairs)
+    header = ["Δ", "in", "ours", "95 % CI", "from", "verdict"] + (["paper"] if with_paper else [])
+    rows = []
+    for cell in result.pairs:
+        c = cell.comparison
+        row = [f"{cell.pair[0]} − {cell.pair[1]}", cell.where, _num(c.estimate, d, True),
+               _bracket(c.interval, d, True), _test(c), _verdict(c)]
+        rows.append(row + ([_num(cell.paper_delta, d, True)] if with_paper else []))
+    return header, rows
+
+
 def render_markdown(result: TableResult) -> str:
     spec, d = result.spec, result.spec.decimals
     header = [spec.row_header, *spec.info_columns, *(c.name for c in spec.columns)]
@@ -695,12 +709,9 @@ def render_markdown(result: TableResult) -> str:
             out.append(" · ".join(parts))
         lines.append("| " + " | ".join(out) + " |")
     if result.pairs:
-        lines += ["", "| Δ | in | ours | 95 % CI | from | verdict | paper |", "|---|---|---|---|---|---|---|"]
-        for cell in result.pairs:
-            c = cell.comparison
-            lines.append("| " + " | ".join([
-                f"{cell.pair[0]} − {cell.pair[1]}", cell.where, _num(c.estimate, d, True),
-                _bracket(c.interval, d, True), _test(c), _verdict(c), _num(cell.paper_delta, d, True)]) + " |")
+        header, rows = _comparison_table(result)
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines.append("")
     lines += [f"{line}  " for line in _summary_lines(result) + _footnotes(result)]
     return "\n".join(lines).rstrip() + "\n"
@@ -741,14 +752,10 @@ def render_latex(result: TableResult) -> str:
         lines.append(" & ".join(out) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     if result.pairs:
-        lines += [r"\par\medskip", r"\begin{tabular}{llrrlll}", r"\toprule",
-                  r"$\Delta$ & in & ours & 95\% CI & from & verdict & paper \\", r"\midrule"]
-        for cell in result.pairs:
-            c = cell.comparison
-            lines.append(" & ".join([
-                _tex(f"{cell.pair[0]} − {cell.pair[1]}"), _tex(cell.where),
-                _num(c.estimate, d, True) or "--", _bracket(c.interval, d, True) or "--", _tex(_test(c)),
-                _tex(_verdict(c)), _num(cell.paper_delta, d, True) or "--"]) + r" \\")
+        header, rows = _comparison_table(result)
+        lines += [r"\par\medskip", rf"\begin{{tabular}}{{llrrll{'r' * (len(header) - 6)}}}", r"\toprule",
+                  " & ".join(map(_tex, header)) + r" \\", r"\midrule"]
+        lines += [" & ".join(_tex(x) or "--" for x in row) + r" \\" for row in rows]
         lines += [r"\bottomrule", r"\end{tabular}"]
     below = [_tex(line) + r"\par" for line in _summary_lines(result)]
     if any(cell.paper_in_interval is False for cell in result.cells.values()):
@@ -770,6 +777,7 @@ def csv_rows(result: TableResult) -> list[dict[str, Any]]:
             "record": "cell", "table": name, "row": cell.row, "column": cell.column, "metric": cell.metric,
             "value": cell.which, "units": cell.units, "direction": cell.direction, "mean": _plain(cell.mean),
             "std": _plain(cell.std), "n": cell.n, "seeds": " ".join(map(str, cell.seeds)),
+            "values": " ".join(map(_plain, cell.values)),
             "ci_low": _plain(interval and interval.low), "ci_high": _plain(interval and interval.high),
             "paper": _plain(cell.paper), "paper_in_ci": "" if inside is None else str(inside).lower(),
             "final_mean": _plain(cell.final_mean if cell.which != "final" else None),

@@ -60,6 +60,7 @@ def test_sweep_fills_every_digits_cell_with_the_mean_of_its_seeds(sweep, tmp_pat
     for row, values in expected.items():
         cell, mean, std = cells[row], statistics.fmean(values.values()), statistics.stdev(values.values())
         assert int(cell["n"]) == 2 and cell["seeds"] == "0 1" and cell["value"] == "final"
+        assert [float(v) for v in cell["values"].split()] == pytest.approx([values[0], values[1]], abs=1e-8)
         assert float(cell["mean"]) == pytest.approx(mean, abs=1e-8)
         assert float(cell["std"]) == pytest.approx(std, abs=1e-8)
         assert float(cell["ci_low"]) == pytest.approx(mean - t2 * std / 2**0.5, abs=1e-8)
@@ -264,7 +265,7 @@ def test_latex_and_csv_are_well_formed(sweep):
     digits_tex = tables.render_latex(build_table(specs["digits"], runs))
     assert "(n=2)" in digits_tex and r"$\pm$" in digits_tex
     table1_csv = tables.render_csv(build_table(specs["table1"], runs))
-    assert "cell,table1,ResNet18,SGDP,val/top1,final,%,max,,,0,,,,70.73,,,,ResNet18/SGD,,,,,,,untested (no runs),0.45," \
+    assert "cell,table1,ResNet18,SGDP,val/top1,final,%,max,,,0,,,,,70.73,,,,ResNet18/SGD,,,,,,,untested (no runs),0.45," \
         in table1_csv
 
 
