@@ -45,6 +45,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+# summary.json's keys copied into the W&B run's summary when the run ends.
+WANDB_SUMMARY_KEYS = ("status", "seed", "model", "metrics", "selection", "wall_seconds", "world_size", "device")
+
+
 class WandbLogger:
     """Real wandb, offline by default. Any failure to start or log warns once and is ignored:
     tracking must never stop a training run."""
@@ -85,7 +89,8 @@ class WandbLogger:
         if self.run is None:
             return
         try:
-            self.run.summary.update({"status": summary["status"]})
+            # What projbench.tables needs to build a table from W&B alone (runs_from_wandb).
+            self.run.summary.update({key: summary[key] for key in WANDB_SUMMARY_KEYS if key in summary})
             self.run.finish(exit_code=0 if summary["status"] == "completed" else 1)
         except Exception as exc:  # noqa: BLE001
             self._warn(f"W&B finish failed ({exc})")
