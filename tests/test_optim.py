@@ -1,6 +1,6 @@
-"""SGDP and AdamP (projbench.optim): the same numbers as the official `adamp` 0.3.0, and the
-behaviour a training loop relies on (channels_last, half weights, GradScaler, checkpoints, no
-host-device sync in `step()`)."""
+"""SGDP and AdamP (projbench.optim): the same numbers as the official `adamp` 0.3.0 on every path
+(eager and the multi-tensor `fused` step), and the behaviour a training loop relies on
+(channels_last, half weights, GradScaler, checkpoints, no host-device sync in `step()`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from torch import nn
 
 from projbench.optim import SGDP, AdamP
 from projbench.optim import _base as optim_base
-from projbench.optim import compiled as fused_kernels
 
 DELTA, EPS = 0.1, 1e-8
 CL = torch.channels_last
@@ -112,26 +111,32 @@ CASES = [
 ]
 
 
-# compiled=True: the fused torch.compile kernels (projbench/optim/compiled.py). Each kernel compiles
-# once per dtype per process (seconds), so the compiled cases share that cost.
-COMPILED = pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+# fused=True: the multi-tensor step (projbench/optim/multi_tensor.py); its kernel is built once per
+# machine and cached, so only the first test of a fresh machine pays for the build (seconds).
+FUSED = pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
 
 
-@pytest.fixture(params=["eager", "eager-foreach", "compiled"])
-def compiled_path(request, monkeypatch) -> bool:
-    """The three ways a step runs; gives the `compiled` flag. eager-foreach: the eager step in the
-    form it takes on CUDA (foreach ops instead of the CPU's fused per-tensor ops), here on the CPU."""
+@pytest.fixture(params=["eager", "eager-foreach", "fused"])
+def fused_path(request, monkeypatch) -> bool:
+    """The three ways a step runs; gives the `fused` flag. eager-foreach: the eager step in the
+    form it takes on CUDA (foreach ops instead of the CPU's fused per-tensor ops), here on the CPU.
+    fused: the eager step must not run at all."""
     if request.param == "eager-foreach":
         monkeypatch.setattr(optim_base, "PER_TENSOR_DEVICES", set())
-    return request.param == "compiled"
+    if request.param == "fused":
+        monkeypatch.setattr(optim_base.ProjectedOptimizer, "_apply", _forbid_eager)
+    return request.param == "fused"
+
+
+def _forbid_eager(*args, **kwargs):
+    raise AssertionError("the eager step ran where the multi-tensor step should have")
 
 
 @pytest.mark.parametrize("name, cls, official_cls, kw", CASES, ids=[c[0] for c in CASES])
-def test_matches_official_float64(name, cls, official_cls, kw, compiled_path):
-    compiled = compiled_path
+def test_matches_official_float64(name, cls, official_cls, kw, fused_path):
     model = make_net()
     ref = copy.deepcopy(model)
-    opt, ref_opt = cls(model.parameters(), compiled=compiled, **kw), official_cls(ref.parameters(), **kw)
+    opt, ref_opt = cls(model.parameters(), fused=fused_path, **kw), official_cls(ref.parameters(), **kw)
     names = {id(p): n for n, p in model.named_parameters()}
     multi = [n for n, p in model.named_parameters() if p.dim() > 1]
     projected_any, unprojected_any, seen = False, False, set()
@@ -152,22 +157,20 @@ def test_matches_official_float64(name, cls, official_cls, kw, compiled_path):
     assert projected_any and unprojected_any
     assert seen == {"channel", "layer", None}
     assert max_diff(model, ref) < 1e-8
-    if compiled:  # the fused path ran (not the eager one)
-        assert fused_kernels.kernel.cache_info().currsize >= 2
 
 
 @pytest.mark.parametrize("cls, kw", [(SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
                                      (AdamP, dict(lr=1e-2, weight_decay=1e-2))], ids=["SGDP", "AdamP"])
-def test_compiled_takes_the_eager_path_for_weights_without_row_views(cls, kw):
-    """A transposed weight has no zero-copy row view: the compiled kernels could not write
-    through it, so that group steps eagerly, with the same numbers."""
+def test_fused_takes_the_eager_path_for_weights_without_row_views(cls, kw):
+    """A transposed weight cannot be walked as rows in memory order: the multi-tensor kernel
+    could not step it, so that group steps eagerly, with the same numbers."""
     g = torch.Generator().manual_seed(0)
     start = [torch.randn(6, 5, generator=g, dtype=torch.float64).t(), torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)]
     runs = []
-    for compiled in (False, True):
+    for fused in (False, True):
         params = [nn.Parameter(w.clone().t().contiguous().t() if w.dim() == 2 else w.clone()) for w in start]
         assert not params[0].is_contiguous()
-        opt = cls(params, compiled=compiled, **kw)
+        opt = cls(params, fused=fused, **kw)
         for step in range(5):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step), dtype=p.dtype)
@@ -180,10 +183,10 @@ def test_compiled_takes_the_eager_path_for_weights_without_row_views(cls, kw):
 @pytest.mark.parametrize("cls, kw", [(SGDP, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)),
                                      (SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
                                      (AdamP, dict(lr=1e-2, weight_decay=1e-2))], ids=["SGDP-nesterov", "SGDP", "AdamP"])
-@COMPILED
-def test_channels_last_matches_contiguous(cls, kw, compiled):
+@FUSED
+def test_channels_last_matches_contiguous(cls, kw, fused):
     dense, cl = make_net(), make_net(memory_format=CL)
-    opt_dense, opt_cl = cls(dense.parameters(), **kw), cls(cl.parameters(), compiled=compiled, **kw)
+    opt_dense, opt_cl = cls(dense.parameters(), fused=False, **kw), cls(cl.parameters(), fused=fused, **kw)
     train(dense, opt_dense, 25)
     train(cl, opt_cl, 25, memory_format=CL)
     for (name, p), q in zip(dense.named_parameters(), cl.parameters()):
@@ -328,14 +331,13 @@ HALF_TOL = {torch.float16: 0.02, torch.bfloat16: 0.1}
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("cls, kw", [(SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
                                      (AdamP, dict(lr=1e-2, weight_decay=1e-2))], ids=["SGDP", "AdamP"])
-def test_half_weights_follow_float32(cls, kw, dtype, compiled_path):
+def test_half_weights_follow_float32(cls, kw, dtype, fused_path):
     """Half weights get the float32 gradients (cast) of a float32 twin; float32 state, and the
     parameter movement stays within a few half-precision roundings of the float32 run's."""
-    compiled = compiled_path
     ref = make_net(torch.float32)
     half = copy.deepcopy(ref).to(dtype)
     start = copy.deepcopy(ref)
-    ref_opt, opt = cls(ref.parameters(), **kw), cls(half.parameters(), compiled=compiled, **kw)
+    ref_opt, opt = cls(ref.parameters(), fused=fused_path, **kw), cls(half.parameters(), fused=fused_path, **kw)
     for step in range(10):
         ref_opt.zero_grad()
         backward(ref, step, dtype=torch.float32)
@@ -466,15 +468,11 @@ def _forbid_h2d(*args, **kwargs):
                                      (SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
                                      (AdamP, dict(lr=1e-2, nesterov=True, weight_decay=1e-2)),
                                      (AdamP, dict(lr=1e-2))], ids=["SGDP-nesterov", "SGDP", "AdamP-nesterov", "AdamP"])
-@COMPILED
-def test_step_never_reads_tensors_on_the_host(cls, kw, monkeypatch, compiled):
-    """compiled: the fused path with its kernels run eagerly. Compiled kernels check their guards
-    in Python (which the patches below would trip); test_cuda_step_does_not_sync covers them."""
-    if compiled:
-        monkeypatch.setattr(fused_kernels, "kernel", fused_kernels._KERNELS.__getitem__)
+@FUSED
+def test_step_never_reads_tensors_on_the_host(cls, kw, monkeypatch, fused):
     torch.manual_seed(0)
     model = Branches().double()
-    opt = cls(model.parameters(), compiled=compiled, **kw)
+    opt = cls(model.parameters(), fused=fused, **kw)
     for step in range(4):
         model.use_extra = step >= 2  # params joining later: different step counts in the group
         opt.zero_grad()
@@ -493,10 +491,10 @@ def test_step_never_reads_tensors_on_the_host(cls, kw, monkeypatch, compiled):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("cls, kw", [(SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
                                      (AdamP, dict(lr=1e-2, weight_decay=1e-2))], ids=["SGDP", "AdamP"])
-@COMPILED
-def test_cuda_step_does_not_sync(cls, kw, compiled):
+@pytest.mark.parametrize("fused", [False, None], ids=["eager", "default"])
+def test_cuda_step_does_not_sync(cls, kw, fused):
     model = make_net(torch.float32).cuda()
-    opt = cls(model.parameters(), compiled=compiled, **kw)
+    opt = cls(model.parameters(), fused=fused, **kw)
     x, y = (t.cuda() for t in batch(0, dtype=torch.float32))
     for step in range(3):
         opt.zero_grad()
