@@ -1,11 +1,16 @@
 """The multi-tensor step (`fused`, projbench/optim/multi_tensor.py): what tests/test_optim.py does
 not reach through the small test model: weights split over threads, every view on large weights,
-mixed dtypes in a group, checkpoints moving between the paths, and a machine without a compiler.
-(tests/test_optim.py runs the official comparison, layouts and half weights on this path too.)"""
+mixed dtypes in a group, checkpoints moving between the paths, a machine without a compiler, and
+the CUDA (Triton) kernels, run here on the CPU by Triton's interpreter.
+(tests/test_optim.py runs the official comparison, layouts and half weights on the CPU path too.)"""
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,8 @@ from test_optim import CL, make_net, max_diff, roundtrip, train
 
 from projbench.optim import SGDP, AdamP, cpu_kernel
 from projbench.optim import _base as optim_base
+
+INTERPRETED = Path(__file__).with_name("triton_interpreted.py")
 
 KINDS = [(SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
          (SGDP, dict(lr=0.1, momentum=0.9, nesterov=True, dampening=0.1, weight_decay=1e-2)),
@@ -185,3 +192,16 @@ def test_half_weights_are_rounded_once_to_nearest_even(dtype):
     expected = (w.detach().float() - 0.1 * w.grad.float()).to(dtype)
     SGDP([w], lr=0.1, fused=True).step()  # no momentum, no decay, 1-D: w - lr * g
     assert torch.equal(w.detach(), expected)
+
+
+
+def test_cuda_kernels_in_the_triton_interpreter():
+    """The CUDA path (multi_tensor.triton_step, cuda_kernel.py) on CPU tensors, its kernels run
+    by Triton's interpreter, which has to be switched on before Triton is first imported: so in
+    a process of its own (tests/triton_interpreted.py)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(INTERPRETED)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from projbench.optim import cpu_kernel, multi_tensor
+from projbench.optim import multi_tensor
 from projbench.optim.projection import Projector, _compute_dtype
 
 # Devices whose foreach ops are a loop over the tensors (no multi-tensor kernel). There one
@@ -96,19 +96,20 @@ class ProjectedOptimizer(Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             plan = self._fused_plan(group, params, index)
             if plan is not None:
-                self._fused_step(group, plan)
+                self._fused_step(group, plan, index)
             else:
                 self._update(group, params, [p.grad for p in params], index)
         return loss
 
     def _fused_plan(self, group: dict, params: list[Tensor], index: int) -> multi_tensor.Plan | None:
         """The multi-tensor plan of this group, or None when it steps eagerly: `fused` False, or
-        None (the default) where the kernel is unavailable, or a parameter that does not qualify
-        (multi_tensor.fusable). `fused=True` where the kernel is unavailable is an error."""
+        None (the default) off multi_tensor.FUSED_BY_DEFAULT or where the kernel is unavailable,
+        or a parameter that does not qualify (multi_tensor.fusable). `fused=True` where the
+        kernel is unavailable is an error."""
         choice = group.get("fused")
-        if choice is False:
-            return None
         device = params[0].device
+        if choice is False or (choice is None and device.type not in multi_tensor.FUSED_BY_DEFAULT):
+            return None
         if any(p.device != device for p in params):
             reason = "parameters on several devices"
         else:
@@ -116,22 +117,30 @@ class ProjectedOptimizer(Optimizer):
         if reason is not None:
             if choice:
                 raise RuntimeError(f"{type(self).__name__}(fused=True): {reason}")
-            if device.type == "cpu":  # a compiler is missing or failed: worth telling
-                multi_tensor.warn_unavailable(reason)
+            multi_tensor.warn_unavailable(reason)
             return None
         plan = self._plans.get(index)
         if plan is None or plan.key != multi_tensor.plan_key(params):
             plan = self._plans[index] = multi_tensor.plan_for(params)
         return plan if plan.fusable else None
 
-    def _fused_step(self, group: dict, plan: multi_tensor.Plan) -> None:
+    def _fused_step(self, group: dict, plan: multi_tensor.Plan, index: int) -> None:
         """The multi-tensor step of one group (multi_tensor.py)."""
-        factors = self._step_factors(group, plan.params)
-        projected = multi_tensor.cpu_step(plan, self._hyper(group), self.state, self.state_names, factors)
-        if plan.n_multi:
-            self.last_projection.append(ProjectionRecord(plan.params[: plan.n_multi], projected, plan.numel))
+        hyper = self._hyper(group)
+        weights = plan.params[: plan.n_multi]
 
-    def _hyper(self, group: dict) -> cpu_kernel.Hyper:
+        def decide(stats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            projector, coef, decay, projected = self._decide(group, index, weights, row_stats=stats,
+                                                             decay_divisor=hyper["decay_divisor"])
+            return coef, decay, projected, projector.layout.row_param
+
+        factors = self._step_factors(group, plan.params)
+        projected = multi_tensor.step(plan, hyper, self.state, self.state_names, factors, decide)
+        if plan.n_multi:
+            self.last_projection.append(ProjectionRecord(weights, projected, plan.numel))
+
+    def _hyper(self, group: dict) -> dict:
+        """The multi-tensor kernels' hyperparameters (the fields of cpu_kernel.Hyper but threads)."""
         raise NotImplementedError
 
     def _step_factors(self, group: dict, params: list[Tensor]) -> list[tuple[float, float]]:
@@ -157,11 +166,11 @@ class ProjectedOptimizer(Optimizer):
 
     def _decide(self, group: dict, index: int, weights: list[Tensor], row_stats: Tensor | None = None,
                 grads: list[Tensor] | None = None, updates: list[Tensor] | None = None,
-                decay_divisor: float = 1.0) -> tuple[Projector, Tensor, Tensor]:
-        """The projector, per-row projection coefficients `c` and per-row decay factors
-        `1 - lr * wd * ratio / decay_divisor` of `weights`, recorded in `last_projection`.
+                decay_divisor: float = 1.0) -> tuple[Projector, Tensor, Tensor, Tensor]:
+        """The projector, per-row projection coefficients `c`, per-row decay factors
+        `1 - lr * wd * ratio / decay_divisor` and the projected mask of `weights`.
 
-        The row statistics come from `row_stats` (the compiled kernels' (4, rows) g.w, ||g||^2,
+        The row statistics come from `row_stats` (the Triton kernels' (4, rows) g.w, ||g||^2,
         ||w||^2, w.u) or are computed here from `grads` and `updates`.
         """
         lr, wd = group["lr"], group["weight_decay"]
@@ -171,14 +180,13 @@ class ProjectedOptimizer(Optimizer):
             coef, projected = projector.decide(gw, gg.sqrt(), ww.sqrt(), wu)
         else:
             coef, projected = projector.coefficients(weights, grads, updates)
-        self.last_projection.append(ProjectionRecord(weights, projected, projector.layout.numel))
         if wd > 0:
             # new_full fills on the device; new_tensor would be a blocking host-to-device copy
             ratio = torch.where(projected, coef.new_full((), group["wd_ratio"]), 1.0)  # in coef's dtype
             decay = (1 - lr * wd * ratio / decay_divisor)[projector.layout.row_param]
         else:
             decay = torch.ones_like(coef)
-        return projector, coef, decay
+        return projector, coef, decay, projected
 
     def _apply(
         self,
@@ -202,9 +210,10 @@ class ProjectedOptimizer(Optimizer):
         multi = [i for i, p in enumerate(params) if p.dim() > 1]
         if multi:
             weights = [params[i] for i in multi]
-            projector, coef, decay = self._decide(group, index, weights, grads=[grads[i] for i in multi],
-                                                  updates=[updates[i] for i in multi],
-                                                  decay_divisor=decay_divisor)
+            projector, coef, decay, projected = self._decide(group, index, weights, grads=[grads[i] for i in multi],
+                                                             updates=[updates[i] for i in multi],
+                                                             decay_divisor=decay_divisor)
+            self.last_projection.append(ProjectionRecord(weights, projected, projector.layout.numel))
             for k, i in enumerate(multi):
                 c = projector.broadcast(coef, k, params[i])
                 d = projector.broadcast(decay, k, params[i])

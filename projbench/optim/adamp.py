@@ -7,7 +7,6 @@ import math
 import torch
 
 from projbench.optim._base import ProjectedOptimizer, per_tensor, uniform
-from projbench.optim.cpu_kernel import Hyper
 from projbench.optim.multi_tensor import adam_factors
 
 
@@ -70,9 +69,9 @@ class AdamP(ProjectedOptimizer):
 
     def _hyper(self, group):
         beta1, beta2 = group["betas"]
-        return Hyper(lr=group["lr"], weight_decay=group["weight_decay"], wd_ratio=group["wd_ratio"],
-                     decay_divisor=1.0, delta=group["delta"], eps=group["eps"], beta1=beta1, beta2=beta2,
-                     adam=True, nesterov=group["nesterov"])
+        return dict(lr=group["lr"], momentum=0.0, dampening=0.0, weight_decay=group["weight_decay"],
+                    wd_ratio=group["wd_ratio"], decay_divisor=1.0, delta=group["delta"], eps=group["eps"],
+                    beta1=beta1, beta2=beta2, adam=True, nesterov=group["nesterov"], project_buffer=False)
 
     def _step_factors(self, group, params):
         beta1, beta2 = group["betas"]

@@ -26,9 +26,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 SOURCE = Path(__file__).with_name("projected_step.cpp")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 COMPILERS = ("c++", "g++", "clang++")
+
+
+# The kernel's dtypes (projected_step.cpp: enum DType); the state is float32 for the half ones.
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
 class KernelUnavailable(RuntimeError):
@@ -49,6 +55,18 @@ class Param(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("g", ctypes.c_void_p), ("s0", ctypes.c_void_p), ("s1", ctypes.c_void_p),
                 ("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("step_size", ctypes.c_double),
                 ("k", ctypes.c_double), ("dtype", ctypes.c_int32), ("project", ctypes.c_int32)]
+
+
+def params_array(params: list) -> ctypes.Array:
+    """The kernel's Param array for `params` (shapes and dtypes; pointers and factors are set per
+    step): a multi-dimensional weight as size(0) rows, anything else as one row."""
+    structs = (Param * len(params))()
+    for s, p in zip(structs, params):
+        s.rows = p.size(0) if p.dim() > 1 else 1
+        s.cols = p.numel() // s.rows if s.rows else 0
+        s.dtype = DTYPE_CODES[p.dtype]
+        s.project = p.dim() > 1
+    return structs
 
 
 def cache_dir() -> Path:

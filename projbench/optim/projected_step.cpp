@@ -68,7 +68,8 @@ template <> struct Compute<double> { using type = double; };
 
 extern "C" {
 
-// Hyperparameters of one group (mirrored by cpu_kernel.Hyper).
+// Hyperparameters of one group (mirrored by cpu_kernel.Hyper). `project_buffer`: the update is
+// SGD's momentum buffer and the projection is written into it (the official SGDP without Nesterov).
 struct Hyper {
   double lr, momentum, dampening, weight_decay, wd_ratio, decay_divisor, delta, eps, beta1, beta2;
   int32_t adam, nesterov, project_buffer, threads;
@@ -362,7 +363,7 @@ extern "C" {
 int projected_step(const Hyper* h, Param* params, int64_t n, uint8_t* projected) {
   for (int64_t i = 0; i < n; ++i)
     if (params[i].dtype < kFloat32 || params[i].dtype > kFloat16) return -1;
-  const bool adam = h->adam, nesterov = h->nesterov, in_place = !h->adam && h->project_buffer && !h->nesterov;
+  const bool adam = h->adam, nesterov = h->nesterov, in_place = !h->adam && !h->nesterov && h->project_buffer;
   if (adam) {
     nesterov ? run<true, true, false>(*h, params, n, projected) : run<true, false, false>(*h, params, n, projected);
   } else if (nesterov) {

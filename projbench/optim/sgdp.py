@@ -6,7 +6,6 @@ import torch
 from torch.optim.optimizer import required
 
 from projbench.optim._base import ProjectedOptimizer, per_tensor
-from projbench.optim.cpu_kernel import Hyper
 
 
 class SGDP(ProjectedOptimizer):
@@ -50,10 +49,11 @@ class SGDP(ProjectedOptimizer):
     state_names = ("momentum",)
 
     def _hyper(self, group):
-        return Hyper(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-                     weight_decay=group["weight_decay"], wd_ratio=group["wd_ratio"],
-                     decay_divisor=1 - group["momentum"], delta=group["delta"], eps=group["eps"],
-                     adam=False, nesterov=group["nesterov"], project_buffer=True)
+        return dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                    weight_decay=group["weight_decay"], wd_ratio=group["wd_ratio"],
+                    decay_divisor=1 - group["momentum"], delta=group["delta"], eps=group["eps"], beta1=0.0,
+                    beta2=0.0, adam=False, nesterov=group["nesterov"],
+                    project_buffer=not group["nesterov"])  # the official form: u is the buffer itself
 
     def _step_factors(self, group, params):
         return [(group["lr"], 1.0)] * len(params)
