@@ -164,29 +164,44 @@ def sync(device: str) -> None:
 class Timings:
     steps: dict[str, list[float]]  # ms per timed step, per entry name
     first: dict[str, float]  # ms of each entry's first step (one-time costs included)
+    failed: dict[str, str]  # entries whose construction or first step raised: the error
 
 
 def bench_model(arch: str, device: str, rounds: int, warmup: int, grads_mode: str,
                 clock: Callable[[], float] = time.perf_counter,
                 revisions: tuple[tuple[str, ModuleType], ...] = ()) -> Timings:
+    """Time every entry; an entry that fails to build or to take its first step is reported
+    as failed (e.g. a kernel that does not compile on this device) and the others go on."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)().to(device)
     grads = make_grads(model, grads_mode, torch.Generator().manual_seed(1))
+    timings = Timings({}, {}, {})
     optimizers = []
     for entry in entries(device, revisions):
         params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
         for p, g in zip(params, grads):
             p.grad = g  # shared: no optimizer here writes into its gradients
-        optimizers.append((entry, entry.make(params)))
+        try:
+            optimizers.append((entry, entry.make(params)))
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            timings.failed[entry.name] = f"{type(exc).__name__}: {exc}"
     del model
-    timings = Timings({e.name: [] for e, _ in optimizers}, {})
+    timings.steps = {e.name: [] for e, _ in optimizers}
     for r in range(warmup + rounds):
         shift = r % len(optimizers)
         for entry, opt in optimizers[shift:] + optimizers[:shift]:
+            if entry.name in timings.failed:
+                continue
             sync(device)
             t0 = clock()
-            opt.step()
-            sync(device)
+            try:
+                opt.step()
+                sync(device)
+            except Exception as exc:  # noqa: BLE001 - reported in the table
+                if r:
+                    raise
+                timings.failed[entry.name] = f"{type(exc).__name__}: {exc}"
+                continue
             ms = (clock() - t0) * 1e3
             if r == 0:
                 timings.first[entry.name] = ms
@@ -199,25 +214,33 @@ def table(timings: Timings, device: str,
           revisions: tuple[tuple[str, ModuleType], ...] = ()) -> tuple[list[str], list[str]]:
     """Markdown table rows and summary lines for one model."""
     es = entries(device, revisions)
-    med = {name: statistics.median(ts) for name, ts in timings.steps.items()}
+    med = {name: statistics.median(ts) for name, ts in timings.steps.items() if name not in timings.failed}
     by_role = {(e.family, e.role): e.name for e in es if e.role}
+
+    def ratio(a: str | None, b: str | None) -> str:
+        return f"{med[a] / med[b]:.2f}x" if a in med and b in med else "n/a"
+
     head = "| optimizer | median ms | p25-p75 ms | vs torch fused | vs torch foreach | first step ms |"
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for e in es:
+        if e.name not in med:
+            error = timings.failed.get(e.name, "no timing").splitlines()[0][:120].replace("|", "/")
+            rows.append(f"| {e.name} | failed: {error} | | | | |")
+            continue
         q = statistics.quantiles(timings.steps[e.name], n=4, method="inclusive")
         rows.append(f"| {e.name} | {med[e.name]:.1f} | {q[0]:.1f}-{q[2]:.1f} "
-                    f"| {med[e.name] / med[by_role[(e.family, 'fused')]]:.2f}x "
-                    f"| {med[e.name] / med[by_role[(e.family, 'foreach')]]:.2f}x | {timings.first[e.name]:.0f} |")
+                    f"| {ratio(e.name, by_role[(e.family, 'fused')])} "
+                    f"| {ratio(e.name, by_role[(e.family, 'foreach')])} | {timings.first[e.name]:.0f} |")
     summary = []
     for family in ("SGD", "Adam"):
-        fused, official = med[by_role[(family, "fused")]], med[by_role[(family, "official")]]
+        fused, official = by_role[(family, "fused")], by_role[(family, "official")]
         for role in ("ours fused", "ours eager"):
-            ours_ms = med[by_role[(family, role)]]
-            summary.append(f"{family} family: {role} / torch fused = {ours_ms / fused:.2f}x; "
-                           f"official / {role} = {official / ours_ms:.2f}x")
+            ours_name = by_role[(family, role)]
+            summary.append(f"{family} family: {role} / torch fused = {ratio(ours_name, fused)}; "
+                           f"official / {role} = {ratio(official, ours_name)}")
         for sha, _ in revisions:
-            ratio = med[by_role[(family, f"rev {sha}")]] / med[by_role[(family, "ours fused")]]
-            summary.append(f"{family} family: ours at {sha} / ours fused now = {ratio:.2f}x")
+            summary.append(f"{family} family: ours at {sha} / ours fused now = "
+                           f"{ratio(by_role[(family, f'rev {sha}')], by_role[(family, 'ours fused')])}")
     return rows, summary
 
 

@@ -491,7 +491,7 @@ def test_step_never_reads_tensors_on_the_host(cls, kw, monkeypatch, fused):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("cls, kw", [(SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
                                      (AdamP, dict(lr=1e-2, weight_decay=1e-2))], ids=["SGDP", "AdamP"])
-@pytest.mark.parametrize("fused", [False, None], ids=["eager", "default"])
+@FUSED
 def test_cuda_step_does_not_sync(cls, kw, fused):
     model = make_net(torch.float32).cuda()
     opt = cls(model.parameters(), fused=fused, **kw)
@@ -506,3 +506,20 @@ def test_cuda_step_does_not_sync(cls, kw, fused):
             opt.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name, cls, official_cls, kw", CASES, ids=[c[0] for c in CASES])
+def test_cuda_fused_matches_official_float64(name, cls, official_cls, kw, monkeypatch):
+    """The Triton kernels (fused=True on CUDA) against the official code, both on the GPU."""
+    monkeypatch.setattr(optim_base.ProjectedOptimizer, "_apply", _forbid_eager)
+    model = make_net().cuda()
+    ref = copy.deepcopy(model)
+    opt, ref_opt = cls(model.parameters(), fused=True, **kw), official_cls(ref.parameters(), **kw)
+    for step in range(25):
+        x, y = (t.cuda() for t in batch(step))
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            loss_fn(m, x, y).backward()
+            o.step()
+    assert max_diff(model, ref) < 1e-8
