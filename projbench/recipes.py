@@ -9,15 +9,18 @@ resolves to, and where it comes from.
 Each run also writes its own card (`recipe.md`, `recipe.json`) into its run directory and logs it
 at the start (projbench/__main__.py).
 
-Where a value's source is found (the contract of conf/: see README "Recipe cards"):
-- a value written as an interpolation of one key takes that key's source (`optim.lr:
-  ${task.recipes.${task.recipe}.${optim.name}.lr}` is sourced beside the recipe entry);
-- otherwise the nearest `sources` mapping: next to the key (`optim.sources.lr`) or in an
-  ancestor, mirroring the relative path (`task.sources.model.arch`); a source string documents
-  the key it names and everything under it (`sources.decay` covers `decay.value`);
-- a value given on the command line is sourced "command line".
+Where a value's source is found (the contract of conf/: README "Recipe sources"): the nearest
+`sources` mapping, next to the key (`optim.sources.lr`) or in an ancestor mirroring the relative
+path (`task.sources.model.arch`); a source string documents the key it names and everything under
+it (`sources.decay` covers `decay.value`). The file that writes a value writes its source, also
+when the value is an interpolation into a recipe table (then the source is the same
+interpolation into the table's `sources`), so the resolved config shows the right source beside
+every value; tests/test_recipes.py lints conf/ for it. A value given on the command line is
+sourced "command line"; one set by a sweep axis keeps its config source.
 The card's rows are CORE_KEYS that the config has, the parameters of the chosen schedule, and
-every other key with a source (task-specific values: augmentation, loss margins, ...).
+every other key with a source (task-specific values: augmentation, loss margins, ...); a key is
+shown once, under the name the run reads (a documented entry of a lookup table that the run's
+config interpolates appears as the key that interpolates it).
 """
 
 from __future__ import annotations
@@ -89,9 +92,18 @@ def _get(tree: Any, path: str, default: Any = None) -> Any:
 
 
 def _pure_interpolation(value: Any) -> str | None:
-    """The key X of a value that is exactly `${X}` (not a resolver call, no surrounding text)."""
+    """The key X of a value that is exactly `${X}` or `${oc.select:X,default}` (no other resolver,
+    no surrounding text)."""
     if not (isinstance(value, str) and value.startswith("${") and value.endswith("}")):
         return None
+    if value.startswith("${oc.select:"):
+        inner, depth = value[len("${oc.select:"):-1], 0
+        for i, ch in enumerate(inner):
+            depth += ch == "{"
+            depth -= ch == "}"
+            if ch == "," and depth == 0:
+                return inner[:i]
+        return inner
     depth = 0
     for i, ch in enumerate(value):
         if ch == "{" and i and value[i - 1] == "$":
@@ -124,38 +136,29 @@ def _target(cfg: DictConfig, key: str, referrer: str) -> str:
 
 
 def _chain(cfg: DictConfig, raw: dict, key: str) -> list[str]:
-    """`key` and the keys its value interpolates to, to the one that holds a literal. For a node
-    (e.g. optim.decay) the chain follows its `value` entry when that is an interpolation."""
+    """`key` and the keys its value interpolates to, to the one that holds a literal."""
     chain = [key]
     while len(chain) < 20:
-        value = _get(raw, chain[-1])
-        if isinstance(value, dict) and "value" in value:
-            inner = _pure_interpolation(value["value"])
-            if inner is None:
-                break
-            chain.append(_target(cfg, inner, chain[-1] + ".value").rsplit(".", 1)[0])
-            continue
-        inner = _pure_interpolation(value)
+        inner = _pure_interpolation(_get(raw, chain[-1]))
         if inner is None:
             break
         chain.append(_target(cfg, inner, chain[-1]))
     return chain
 
 
-def _explicit_source(raw: dict, key: str) -> str | None:
-    """The nearest `sources` entry for `key`: beside it or in an ancestor (see the module doc)."""
+def _explicit_source(cfg: DictConfig, key: str) -> str | None:
+    """The nearest `sources` entry for `key`, resolved: beside it or in an ancestor (see the
+    module doc)."""
     parts = key.split(".")
     for depth in range(len(parts) - 1, -1, -1):
-        sources = _get(raw, ".".join(parts[:depth] + ["sources"])) if depth else raw.get("sources")
         rel = parts[depth:]
-        node = sources
-        for part in rel:
-            if not isinstance(node, dict) or part not in node:
-                node = None
+        for i in range(1, len(rel) + 1):
+            found = OmegaConf.select(cfg, ".".join(parts[:depth] + ["sources"] + rel[:i]), default=None,
+                                     throw_on_resolution_failure=False)
+            if isinstance(found, str):
+                return found
+            if not isinstance(found, DictConfig):
                 break
-            node = node[part]
-            if isinstance(node, str):
-                return node
     return None
 
 
@@ -251,7 +254,7 @@ def _effective(key: str, refs: dict[str, str], tables: set[str]) -> str | None:
         break
     if any(key == t or key.startswith(t + ".") for t in tables):
         return None
-    return key
+    return next((core for core in CORE_KEYS if key.startswith(core + ".")), key)  # optim.decay.value -> optim.decay
 
 
 def card(cfg: DictConfig, overrides: Sequence[str] = (), sweep_keys: Sequence[str] = ()) -> list[Entry]:
@@ -269,16 +272,19 @@ def card(cfg: DictConfig, overrides: Sequence[str] = (), sweep_keys: Sequence[st
     for key in keys:
         if key in skip:
             continue
-        chain = _chain(cfg, raw, key)
-        overridden = next((k for k in chain if k in given or (key == "optim.decay" and f"{k}.value" in given)), None)
+        node = _get(raw, key)
+        chain = _chain(cfg, raw, f"{key}.value" if isinstance(node, dict) and "value" in node else key)
+        overridden = next((k for k in chain if k in given), None)
         if overridden is not None:
-            origin = "sweep" if overridden in sweep_keys or f"{overridden}.value" in sweep_keys else COMMAND_LINE
+            origin = "sweep" if overridden in sweep_keys else COMMAND_LINE
         else:
             origin = "config"
-        # The literal's source: a value interpolated from elsewhere is documented where it is written.
-        source = None if origin == COMMAND_LINE else _explicit_source(raw, chain[-1])
-        entries.append(Entry(key=key, value=_value(cfg, key), source=source or (COMMAND_LINE if origin == COMMAND_LINE
-                                                                                 else NO_SOURCE),
+        source = None if origin == COMMAND_LINE else _explicit_source(cfg, key)
+        value = _value(cfg, key)
+        if value is None and key.startswith("optim."):
+            continue  # an optimizer argument set to null is not passed: not part of this recipe
+        entries.append(Entry(key=key, value=value, source=source or (COMMAND_LINE if origin == COMMAND_LINE
+                                                                     else NO_SOURCE),
                              origin=origin, defined_at=chain[-1], note=_decay_note(cfg) if key == "optim.decay" else ""))
     entries += _weight_decay_override(cfg, given)
     return entries
@@ -315,6 +321,8 @@ def _weight_decay_override(cfg: DictConfig, given: dict[str, str]) -> list[Entry
 def _fmt(value: Any) -> str:
     if isinstance(value, dict) and set(value) >= {"value", "convention"}:
         return f"{_fmt(value['value'])} {value['convention']}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()) or "none"
     if isinstance(value, bool) or value is None:
         return str(value).lower() if isinstance(value, bool) else "null"
     if isinstance(value, float):
@@ -414,7 +422,8 @@ def table_notes(experiment: str) -> list[tuple[str, str, str]]:
         if spec.experiment != experiment:
             continue
         sources = spec.sources
-        notes.append((f"{spec.name}: paper numbers", spec.version or "", sources.get("version", "")))
+        if spec.version:
+            notes.append((f"{spec.name}: paper numbers", spec.version, sources.get("version", NO_SOURCE)))
         notes.append((f"{spec.name}: reported value", f"{spec.value} {spec.metric}",
                       sources.get("value", NO_SOURCE)))
         notes.append((f"{spec.name}: seeds", "the sweep's seed list (default: seed=0; add seed=0,1,2)",

@@ -97,8 +97,9 @@ def test_paper_values_are_the_papers():
     specs = load_spec()
     assert {"digits", "table1", "table2", "table3", "table4a", "table4b", "table4c", "table5", "table6",
             "table7"} <= set(specs)
-    spot = {  # (table, row, column): number in /work/shared/paper.md
+    spot = {  # (table, row, column): the project page's number
         ("table1", "MobileNetV2", "SGD"): 71.61, ("table1", "ResNet50 + CutMix", "AdamP"): 78.31,
+        ("table1", "ResNet18", "AdamW"): 70.41, ("table2", "AdamW", "w/o weight decay"): 68.52,
         ("table2", "SGD", "w/o weight decay"): 67.94, ("table2", "AdamP", "Baseline"): 70.81,
         ("table3", "SSD, ImageNet", "Adam"): 28.39, ("table3", "CenterNet, scratch", "AdamP"): 27.11,
         ("table4a", "l_2, eps 80/255", "AdamP attacked"): 83.59, ("table4b", "AdamP", "avg"): 68.0,
@@ -137,17 +138,19 @@ def test_selectors_route_runs_to_their_cells_and_deltas_follow_the_paper():
 
     runs = [imagenet("sgd", 1e-4, 0, 70.0), imagenet("sgd", 1e-4, 1, 70.2), imagenet("sgdp", 1e-4, 0, 70.6),
             imagenet("sgd", 0.0, 0, 68.0), imagenet("adamp", 0, 0, 69.9),
-            imagenet("sgd", 1e-4, 0, 10.0, cutmix=True)]          # another row: must not mix in
+            imagenet("sgd", 1e-4, 0, 10.0, cutmix=True),          # another row: must not mix in
+            imagenet("adamw", 0.1, 0, 70.3), imagenet("adam", 1e-4, 0, 50.0)]   # torch Adam is no column
     t1 = build_table(specs["table1"], runs)
     sgd = t1.cells[("ResNet18", "SGD")]
     assert (sgd.n, sgd.mean) == (2, pytest.approx(70.1))       # weight-decay-free runs stay out
     assert t1.cells[("ResNet18", "SGDP")].delta == pytest.approx(0.5)
     assert t1.cells[("ResNet18", "SGDP")].paper_delta == pytest.approx(70.73 - 70.28)
     assert t1.cells[("ResNet50 + CutMix", "SGD")].n == 0        # arch differs
+    assert (t1.cells[("ResNet18", "AdamW")].n, t1.cells[("ResNet18", "AdamW")].mean) == (1, 70.3)
     t2 = build_table(specs["table2"], runs)
     assert t2.cells[("SGD", "w/o weight decay")].mean == 68.0
     assert t2.cells[("AdamP", "w/o weight decay")].mean == 69.9
-    assert t2.cells[("AdamP", "w/o weight decay")].delta is None  # no Adam run: no delta
+    assert t2.cells[("AdamP", "w/o weight decay")].delta is None  # no AdamW run: no delta
     assert t2.cells[("SGD", "Baseline")].n == 2
     # Table 4b's average column is the mean of the row's rho columns, once all of them exist.
     rho = [_fake({"task": {"name": "biased_mnist", "data": {"rho": r}}, "optim": {"name": "adam"}}, None)
