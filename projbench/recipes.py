@@ -19,8 +19,8 @@ every value; tests/test_recipes.py lints conf/ for it. A value given on the comm
 sourced "command line"; one set by a sweep axis keeps its config source.
 The card's rows are CORE_KEYS that the config has, the parameters of the chosen schedule, and
 every other key with a source (task-specific values: augmentation, loss margins, ...); a key is
-shown once, under the name the run reads (a documented entry of a lookup table that the run's
-config interpolates appears as the key that interpolates it).
+shown once, under the name the run reads (entries of recipe tables are shown through the keys
+that interpolate them).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _raw(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=False)
 
 
-def _get(tree: Any, path: str, default: Any = None) -> Any:
+def get_path(tree: Any, path: str, default: Any = None) -> Any:
     node = tree
     for part in path.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -139,27 +139,31 @@ def _chain(cfg: DictConfig, raw: dict, key: str) -> list[str]:
     """`key` and the keys its value interpolates to, to the one that holds a literal."""
     chain = [key]
     while len(chain) < 20:
-        inner = _pure_interpolation(_get(raw, chain[-1]))
+        inner = _pure_interpolation(get_path(raw, chain[-1]))
         if inner is None:
             break
         chain.append(_target(cfg, inner, chain[-1]))
     return chain
 
 
-def _explicit_source(cfg: DictConfig, key: str) -> str | None:
-    """The nearest `sources` entry for `key`, resolved: beside it or in an ancestor (see the
-    module doc)."""
+def nearest_source(get, key: str) -> Any:
+    """The nearest `sources` entry for `key`, beside it or in an ancestor (see the module doc);
+    `get(dotted_path)` reads a node (a DictConfig's resolved value, or a plain dict's raw one)."""
     parts = key.split(".")
     for depth in range(len(parts) - 1, -1, -1):
         rel = parts[depth:]
         for i in range(1, len(rel) + 1):
-            found = OmegaConf.select(cfg, ".".join(parts[:depth] + ["sources"] + rel[:i]), default=None,
-                                     throw_on_resolution_failure=False)
+            found = get(".".join(parts[:depth] + ["sources"] + rel[:i]))
             if isinstance(found, str):
                 return found
-            if not isinstance(found, DictConfig):
+            if not isinstance(found, (dict, DictConfig)):
                 break
     return None
+
+
+def _explicit_source(cfg: DictConfig, key: str) -> str | None:
+    return nearest_source(lambda path: OmegaConf.select(cfg, path, default=None, throw_on_resolution_failure=False),
+                          key)
 
 
 def _override_keys(overrides: Iterable[str]) -> dict[str, str]:
@@ -237,24 +241,15 @@ def _references(cfg: DictConfig, raw: dict) -> tuple[dict[str, str], set[str]]:
     return refs, tables
 
 
-def _effective(key: str, refs: dict[str, str], tables: set[str]) -> str | None:
-    """The run's own key for a documented key: itself, or the key that interpolates it (None for
-    an entry of a lookup table that this run does not use)."""
-    for _ in range(20):
-        if key in refs:
-            key = refs[key]
-            continue
-        nested = [(t, r) for t, r in refs.items() if t.startswith(key + ".")]
-        if nested:
-            target, referrer = nested[0]
-            suffix = target[len(key):]
-            if referrer.endswith(suffix):
-                key = referrer[: -len(suffix)]
-                continue
-        break
+def _row_key(key: str, refs: dict[str, str], tables: set[str]) -> str | None:
+    """The card row of a documented key: itself, or None for an entry that another key
+    interpolates (that key has the row, with its own copy of the source) or an entry of a lookup
+    table; a key inside a recipe node (optim.decay.value) is that node's row."""
+    if any(t == key or t.startswith(key + ".") for t in refs):
+        return None
     if any(key == t or key.startswith(t + ".") for t in tables):
         return None
-    return next((core for core in CORE_KEYS if key.startswith(core + ".")), key)  # optim.decay.value -> optim.decay
+    return next((core for core in CORE_KEYS if key.startswith(core + ".")), key)
 
 
 def card(cfg: DictConfig, overrides: Sequence[str] = (), sweep_keys: Sequence[str] = ()) -> list[Entry]:
@@ -262,17 +257,17 @@ def card(cfg: DictConfig, overrides: Sequence[str] = (), sweep_keys: Sequence[st
     decay_rules.check(cfg.optim)  # a decay that cannot be converted: one ConfigError naming the key
     raw = _raw(cfg)
     refs, tables = _references(cfg, raw)
-    keys = [k for k in CORE_KEYS if _get(raw, k, _MISSING) is not _MISSING]
-    documented = {_effective(k, refs, tables) for k in _documented_keys(raw)}
+    keys = [k for k in CORE_KEYS if get_path(raw, k, _MISSING) is not _MISSING]
+    documented = {_row_key(k, refs, tables) for k in _documented_keys(raw)}
     keys += sorted(k for k in documented - set(keys) - {None}
-                   if k.split(".")[0] in ROOTS and _get(raw, k, _MISSING) is not _MISSING)
+                   if k.split(".")[0] in ROOTS and get_path(raw, k, _MISSING) is not _MISSING)
     skip = _schedule_keys(cfg)
     given = _override_keys(overrides)
     entries = []
     for key in keys:
         if key in skip:
             continue
-        node = _get(raw, key)
+        node = get_path(raw, key)
         chain = _chain(cfg, raw, f"{key}.value" if isinstance(node, dict) and "value" in node else key)
         overridden = next((k for k in chain if k in given), None)
         if overridden is not None:
@@ -412,11 +407,14 @@ def render_table(name: str, cells: list, table_notes: Sequence[tuple[str, str, s
     return "\n".join(lines) + "\n"
 
 
-def table_notes(experiment: str) -> list[tuple[str, str, str]]:
+def table_notes(experiment: str, cells: Sequence = ()) -> list[tuple[str, str, str]]:
     """Rows of a table's card that are not run config: which paper version its numbers come
-    from, the reported value (final / best) and the paper's number of seeds (results/paper.yaml)."""
+    from, the reported value (final / best) and the seeds (ours, and the paper's as its source;
+    results/paper.yaml)."""
     from projbench.tables import load_spec
 
+    seeds = sorted({int(c.cfg.seed) for c in cells})
+    ours = f"{len(seeds)} per cell here (seed={','.join(map(str, seeds))}); the paper's:"
     notes = []
     for spec in load_spec().values():
         if spec.experiment != experiment:
@@ -426,8 +424,7 @@ def table_notes(experiment: str) -> list[tuple[str, str, str]]:
             notes.append((f"{spec.name}: paper numbers", spec.version, sources.get("version", NO_SOURCE)))
         notes.append((f"{spec.name}: reported value", f"{spec.value} {spec.metric}",
                       sources.get("value", NO_SOURCE)))
-        notes.append((f"{spec.name}: seeds", "the sweep's seed list (default: seed=0; add seed=0,1,2)",
-                      sources.get("seeds", NO_SOURCE)))
+        notes.append((f"{spec.name}: seeds", ours, sources.get("seeds", NO_SOURCE)))
     return notes
 
 
@@ -439,7 +436,7 @@ def experiment_card(name: str, overrides: Sequence[str] = ()) -> str:
     from projbench.sweeps import compose_cells
 
     cells = compose_cells([f"+experiment={name}", *overrides])
-    return render_table(name, cells, table_notes(name))
+    return render_table(name, cells, table_notes(name, cells))
 
 
 # -- the run's card (projbench/__main__.py) ------------------------------------------------------
