@@ -9,7 +9,7 @@ resolves to, and where it comes from.
 Each run also writes its own card (`recipe.md`, `recipe.json`) into its run directory and logs it
 at the start (projbench/__main__.py).
 
-Where a value's source is found (the contract of conf/: README "Recipe sources"): the nearest
+Where a value's source is found (the contract of conf/: README "Extending"): the nearest
 `sources` mapping, next to the key (`optim.sources.lr`) or in an ancestor mirroring the relative
 path (`task.sources.model.arch`); a source string documents the key it names and everything under
 it (`sources.decay` covers `decay.value`). The file that writes a value writes its source, also
