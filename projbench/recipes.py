@@ -58,6 +58,7 @@ COMMAND_LINE = "command line"
 NO_SOURCE = "NO SOURCE"
 README_BLOCK = re.compile(r"(<!-- recipe-card: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /recipe-card -->)", re.S)
 _INNER = re.compile(r"\$\{([^${}:]+)\}")
+_MISSING = object()
 
 
 @dataclass
@@ -285,13 +286,9 @@ def card(cfg: DictConfig, overrides: Sequence[str] = (), sweep_keys: Sequence[st
     return entries
 
 
-_MISSING = object()
-
-
 def _value(cfg: DictConfig, key: str) -> Any:
     value = OmegaConf.select(cfg, key)
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig,)) or OmegaConf.is_list(
-        value) else value
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def _decay_note(cfg: DictConfig) -> str:
@@ -300,8 +297,12 @@ def _decay_note(cfg: DictConfig) -> str:
     ctx = decay_rules.Context.of(optim)
     argument = float(optim.weight_decay)
     per_step = decay_rules.decay_per_step(argument, ctx)
-    step = (f"per step {_fmt(per_step)} at the base lr" if per_step is not None
-            else "coupled L2 under Adam: no per-step equivalent")
+    if per_step is not None:
+        step = f"per step {_fmt(per_step)} at the base lr"
+    elif decay_rules.rule_for(ctx.target) is None:
+        step = "no known decay rule for this optimizer"
+    else:
+        step = "coupled L2 under Adam: no per-step equivalent"
     return f"{ctx.target.rsplit('.', 1)[-1]} weight_decay={_fmt(argument)}; {step}"
 
 

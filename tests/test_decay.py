@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST, make_cfg, run_cli
+from conftest import make_cfg
 from projbench.decay import Context, decay_per_step, optimizer_weight_decay
 from projbench.errors import ConfigError
 from projbench.optim import build_optimizer
@@ -106,12 +106,3 @@ def test_a_saved_run_config_resolves_in_a_fresh_process_that_only_imports_the_ta
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0.1", "0.0001"]
-
-
-def test_an_impossible_conversion_stops_the_cli_with_one_line(tmp_path):
-    out = run_cli(FAST + ["optim=adam", "optim.decay.value=1e-4", "optim.decay.convention=decoupled",
-                          "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
-    assert out.returncode == 2
-    assert "optim.decay: decoupled decay has no equivalent for torch.optim.Adam" in out.stderr
-    assert "Traceback" not in out.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -191,8 +191,14 @@ def test_cutmix_trains_on_soft_targets(data_dir, tmp_path):
 
 
 # -- recipes ----------------------------------------------------------------------------------
-def test_table1_sweep_has_every_row_and_optimizer_with_its_recipe():
-    cells = [cell.cfg for cell in compose_cells(["+experiment=imagenet_table1"])]
+@pytest.fixture(scope="module")
+def table1() -> list:
+    """Every cell of `-m +experiment=imagenet_table1`, composed once."""
+    return [cell.cfg for cell in compose_cells(["+experiment=imagenet_table1"])]
+
+
+def test_table1_sweep_has_every_row_and_optimizer_with_its_recipe(table1):
+    cells = table1
     rows = {(c.task.model.arch, c.task.cutmix, c.optim.name) for c in cells}
     assert rows == {(arch, cutmix, optim) for arch, cutmix in
                     [("mobilenetv2_100", False), ("resnet18", False), ("resnet50", False), ("resnet50", True)]
@@ -209,10 +215,9 @@ def test_table1_sweep_has_every_row_and_optimizer_with_its_recipe():
         assert dict(c.task.model.kwargs) == ({} if mobilenet else {"zero_init_last": False})
 
 
-def test_cutmix_row_follows_the_cutmix_code_and_the_other_rows_do_not():
+def test_cutmix_row_follows_the_cutmix_code_and_the_other_rows_do_not(table1):
     """clovaai/CutMix-PyTorch train.py: SGD with Nesterov momentum, ColorJitter 0.4, PCA lighting 0.1."""
-    for cell in compose_cells(["+experiment=imagenet_table1"]):
-        c = cell.cfg
+    for c in table1:
         sgd_like = c.optim.name in ("sgd", "sgdp")
         assert c.optim.get("nesterov") == ((c.task.cutmix if sgd_like else False) if c.optim.name != "adamw" else None)
         assert (c.task.data.color_jitter, c.task.data.lighting) == ((0.4, 0.1) if c.task.cutmix else (None, 0.0))

@@ -1,13 +1,20 @@
-"""Recipe cards: where each value's source is found, what a run writes, and the sweep printer."""
+"""Recipe cards and sources: where each value's source is found, what a run writes, the sweep
+printer, and, for every table's sweep, a public source for every value, the decay each
+optimizer gets, and the README's cards."""
 
 from __future__ import annotations
 
-import json
+import re
+from pathlib import Path
 
+import pytest
+import yaml
 from omegaconf import OmegaConf
 
-from conftest import FAST, make_cfg, run_cli
-from projbench.recipes import COMMAND_LINE, NO_SOURCE, card
+from conftest import ROOT, make_cfg, run_cli
+from projbench.recipes import (COMMAND_LINE, CORE_KEYS, NO_SOURCE, card, experiments, get_path, nearest_source,
+                               readme_blocks, render_table, table_notes)
+from projbench.sweeps import compose_cells
 
 
 def _rows(cfg, overrides=(), sweep_keys=()):
@@ -50,19 +57,6 @@ def test_schedule_rows_follow_the_chosen_schedule():
     assert "trainer.max_epochs" not in _rows(make_cfg(["trainer.max_steps=5"]))
 
 
-def test_a_run_writes_its_card_and_logs_it_first(tmp_path):
-    run_dir = tmp_path / "run"
-    out = run_cli(FAST + ["optim=adamp", "optim.lr=3e-3", "trainer.max_steps=1", f"hydra.run.dir={run_dir}"], tmp_path)
-    assert out.returncode == 0, out.stderr
-    card_json = json.loads((run_dir / "recipe.json").read_text())
-    rows = {e["key"]: e for e in card_json["entries"]}
-    assert rows["optim.lr"]["value"] == 3e-3 and rows["optim.lr"]["origin"] == COMMAND_LINE
-    assert rows["optim.delta"]["source"].startswith("paper")
-    assert "| `optim.lr` | 0.003 | command line |" in (run_dir / "recipe.md").read_text()
-    log = (run_dir / "__main__.log").read_text().splitlines()
-    assert "recipe task.model.arch = resnet10t" in log[0]
-
-
 def test_multirun_cfg_job_prints_every_cell_resolved(tmp_path):
     out = run_cli(["-m", "+experiment=toy", "seed=0,1", "--cfg", "job"], tmp_path)
     assert out.returncode == 0, out.stderr
@@ -75,16 +69,6 @@ def test_multirun_cfg_job_prints_every_cell_resolved(tmp_path):
 
 
 # -- every table's recipes ---------------------------------------------------------------------------
-import re  # noqa: E402  (grouped with the tests that use it)
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import yaml  # noqa: E402
-
-from conftest import ROOT  # noqa: E402
-from projbench.recipes import CORE_KEYS, experiments, get_path, nearest_source, readme_blocks, render_table, table_notes  # noqa: E402
-from projbench.sweeps import compose_cells  # noqa: E402
-
 MACHINE_PATH = re.compile(r"(?<![\w.])/(work|tmp|home|root|scratch|mnt)/")
 
 
@@ -163,6 +147,7 @@ EXPECTED_DECAY = {   # experiment -> cell config -> (optimizer class or None, we
                                       ("ssd", "adam"): (5e-4, None), ("ssd", "adamp"): (5e-4, 5e-7)}[
                                           (c.task.model.detector, c.optim.name)]),
     "audio_table5": lambda c: (None, 1e-4, None if c.optim.name == "adam" else 1e-8),
+    "cifar10_adv_table4a": lambda c: (None, 5e-4, None if c.optim.name == "adam" else 5e-7),
     "retrieval_table6": lambda c: ({"adam": ADAMW, "adamp": ADAMP}[c.optim.name], 1e-4, 1e-4 * c.optim.lr),
     "wikitext_table7": lambda c: (None, 0.0, 0.0),
     "toy": lambda c: (None, 0.0, 0.0),

@@ -14,7 +14,7 @@ from projbench.errors import ConfigError
 
 # Keys of conf/optim/*.yaml that are ours, not the optimizer's arguments: `decay` is the weight
 # decay as the recipe states it (projbench/decay.py turns it into `weight_decay`), `sources`
-# where each value comes from.
+# where each recipe value comes from.
 _META_KEYS = ("name", "_target_", "no_decay_bias_norm", "decay", "decay_per_step", "sources")
 
 
