@@ -205,7 +205,7 @@ def _per_step_resolver(*, _parent_: Any) -> float | None:
 
 def register_resolvers() -> None:
     """`${projbench.weight_decay:}` and `${projbench.decay_per_step:}`, read from the optim node
-    that holds them. Registered by `import projbench`, so the CLI, Hydra's compose API in tests
+    that holds them. Registered by projbench/config.py on `import projbench`, so the CLI, Hydra's compose API in tests
     and projbench.tables (reading saved .hydra/config.yaml files) all resolve them."""
     for name, fn in (("projbench.weight_decay", _weight_decay_resolver),
                      ("projbench.decay_per_step", _per_step_resolver)):

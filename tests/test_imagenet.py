@@ -18,7 +18,7 @@ from projbench.data.transforms import IMAGENET_EIGENVALUES, IMAGENET_EIGENVECTOR
 from projbench.distributed import DistInfo
 from projbench.errors import ConfigError, DataError
 from projbench.sweeps import compose_cells
-from projbench.tasks.imagenet import FIXTURE, ImageNetTask
+from projbench.tasks.imagenet import FIXTURE, ImageNetTask, imagenet_transforms
 from projbench.train import build_trainer
 
 SIZE = 32  # image_size of the tests: a tiny ResNet at 32x32 trains in seconds on a CPU
@@ -225,10 +225,10 @@ def test_cutmix_row_follows_the_cutmix_code_and_the_other_rows_do_not(table1):
         if c.task.cutmix and sgd_like:
             assert (c.optim.lr, c.optim.momentum, c.optim.decay.value, c.optim.decay.convention) == (
                 0.1, 0.9, 1e-4, "coupled")
-    train_tf, _ = ImageNetTask(make_cfg(["task=imagenet", "task.recipe=resnet50_cutmix"]).task).transforms()
+    train_tf, _ = imagenet_transforms(make_cfg(["task=imagenet", "task.recipe=resnet50_cutmix"]).task.data)
     names = [type(t).__name__ for t in train_tf.transforms]
     assert names[names.index("PCALighting") + 1] == "Normalize" and "ColorJitter" in names
-    train_tf, _ = ImageNetTask(make_cfg(["task=imagenet"]).task).transforms()
+    train_tf, _ = imagenet_transforms(make_cfg(["task=imagenet"]).task.data)
     assert not {"PCALighting", "ColorJitter"} & {type(t).__name__ for t in train_tf.transforms}
 
 
