@@ -4,6 +4,7 @@ the fixture, and the recipes."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import shutil
@@ -435,6 +436,19 @@ def test_batchnorm_ssd_needs_two_images_per_rank(data_dir):
     with pytest.raises(ConfigError, match="task.data.batch_size: ssd300_vgg16_bn trains on at least 2 images per rank"):
         CocoTask(coco_cfg(data_dir, "task/model=ssd", "task.data.batch_size=1").task).setup(DistInfo())
     CocoTask(coco_cfg(data_dir, "task/model=ssd_vgg16", "task.data.batch_size=1").task).setup(DistInfo())
+
+
+def test_scale_invariance_script_counts_the_weights_before_batchnorm(data_dir):
+    path = Path(CONF).parent / "scripts" / "scale_invariance.py"
+    spec = importlib.util.spec_from_file_location("scale_invariance", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    counts = script.first_step_scale_invariance(["task=coco", "task.data.fixture=true", f"paths.data_dir={data_dir}",
+                                                 "task.data.image_size=64", "task.data.batch_size=4"])
+    # ResNet-18's 20 convolutions and the 6 up-sampling ones; not the 6 head convolutions, and
+    # the 3 offset / mask convolutions (all zeros at the start) only as vacuous passes
+    assert (counts["invariant_tensors"], counts["vacuous_tensors"], counts["weight_tensors"]) == (26, 3, 35)
+    assert 0.97 < counts["invariant_params"] / counts["params"] < 1
 
 
 # -- the recipes ----------------------------------------------------------------------------------
