@@ -1,6 +1,7 @@
 """CenterNet (projbench/models/centernet.py): output shapes with deformable and plain up-sampling,
 the deformable convolution's start, training targets, a decode round trip from perfect outputs,
-the flip test, the loss (and that it trains), ImageNet initialisation from a local file."""
+the flip test, the loss (and that it trains), ImageNet initialisation from a local file, and (with
+CUDA) the deformable convolution on the GPU in mixed precision."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 import torchvision
 
 from projbench.errors import ConfigError
-from projbench.models.centernet import (CenterNet, ModulatedDeformConv, centernet_decode, centernet_loss,
-                                        centernet_targets, flip_test_decode, stack_targets)
+from projbench.models.centernet import (HEAD_OUTPUTS, CenterNet, ModulatedDeformConv, centernet_decode,
+                                        centernet_loss, centernet_targets, flip_test_decode, stack_targets)
 
 NUM_CLASSES = 3
 
@@ -192,3 +193,29 @@ def test_unknown_backbone_or_stage_count_is_a_config_error():
         CenterNet(NUM_CLASSES, backbone="vgg16")
     with pytest.raises(ConfigError, match="task.model.deconv_channels"):
         CenterNet(NUM_CLASSES, deconv_channels=(64, 64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_deformable_up_sampling_agrees_with_the_cpu_and_trains_in_bf16_on_cuda(channels_last):
+    torch.manual_seed(0)
+    model = CenterNet(NUM_CLASSES).eval()
+    for stage in model.upsample:  # offsets and masks away from their zero start
+        torch.nn.init.normal_(stage[0].offset_mask.weight, std=0.01)
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        expected = model(images)
+        gpu, gpu_images = model.cuda(), images.cuda()
+        if channels_last:
+            gpu = gpu.to(memory_format=torch.channels_last)
+            gpu_images = gpu_images.to(memory_format=torch.channels_last)
+        got = gpu(gpu_images)
+    for name in HEAD_OUTPUTS:
+        assert torch.allclose(got[name].cpu(), expected[name], rtol=1e-3, atol=1e-3), name
+    boxes = [torch.tensor([[4.0, 8.0, 60.0, 70.0]]), torch.tensor([[30.0, 20.0, 120.0, 100.0]])]
+    targets = stack_targets([centernet_targets(b, torch.tensor([1]), NUM_CLASSES, 32) for b in boxes])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _ = centernet_loss(gpu.train()(gpu_images), {k: v.cuda() for k, v in targets.items()})
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(stage[0].offset_mask.weight.grad.abs().sum() > 0 for stage in gpu.upsample)

@@ -26,9 +26,8 @@ from projbench.data.coco import (AUGMENTATIONS, CocoDetection, collate_detection
 from projbench.data.fixtures import write_once
 from projbench.distributed import DistInfo, ShardSampler
 from projbench.errors import ConfigError, DataError
-from projbench.models.ssd import load_vgg16_backbone, ssd300_vgg16_bn, vgg16_features
 from projbench.tables import Run, build_table, load_spec
-from projbench.tasks.coco import CocoTask, SSDDetector, coco_ap, coco_results
+from projbench.tasks.coco import CocoTask, coco_ap, coco_results
 from projbench.train import train
 
 
@@ -320,68 +319,6 @@ def test_evaluation_under_ddp_scores_every_ranks_detections_once(data_dir, tmp_p
 
 
 # -- the detectors --------------------------------------------------------------------------------
-def _ssd_cfg(backbone: str, pretrained=None):
-    return OmegaConf.create({"backbone": backbone, "pretrained": pretrained, "max_detections": 100,
-                             "trainable_backbone_layers": 4})
-
-
-def _vgg16_state(batch_norm: bool) -> dict:
-    """A torchvision VGG16 (-BN) state dict's `features.*` entries (its classifier is ignored)."""
-    return {f"features.{k}": v for k, v in vgg16_features(batch_norm).state_dict().items()}
-
-
-def test_plain_ssd_backbone_loads_from_a_local_vgg16_state_dict(tmp_path):
-    state = {**_vgg16_state(batch_norm=False), "classifier.0.weight": torch.zeros(2, 2)}  # the classifier is ignored
-    path = tmp_path / "vgg16_features.pth"
-    torch.save(state, path)
-    ssd = SSDDetector(_ssd_cfg("vgg16", str(path)), num_classes=3).ssd
-    assert torch.equal(ssd.backbone.features[0].weight, state["features.0.weight"])     # conv1_1
-    assert torch.equal(ssd.backbone.features[21].weight, state["features.21.weight"])   # conv4_3
-    assert torch.equal(ssd.backbone.extra[0][5].weight, state["features.28.weight"])    # conv5_3
-    frozen = [name for name, p in ssd.named_parameters() if not p.requires_grad]
-    assert frozen == ["backbone.features.0.weight", "backbone.features.0.bias",
-                      "backbone.features.2.weight", "backbone.features.2.bias"], "the first VGG stage freezes"
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ssd.modules())
-    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "resnet.pth")
-    torch.save(_vgg16_state(batch_norm=True), tmp_path / "vgg16_bn.pth")
-    for bad, message in ((tmp_path / "missing.pth", "missing.pth: not found"),
-                         (tmp_path / "resnet.pth", "resnet.pth: does not fit: expected a torchvision VGG16"),
-                         (tmp_path / "vgg16_bn.pth", "vgg16_bn.pth: does not fit: expected a torchvision VGG16")):
-        with pytest.raises(ConfigError, match=f"task.model.pretrained: .*{message}"):
-            load_vgg16_backbone(ssd, bad, trainable_layers=4)
-
-
-def test_batchnorm_ssd_normalises_every_convolution_and_loads_vgg16_bn(tmp_path):
-    ssd = SSDDetector(_ssd_cfg("vgg16_bn"), num_classes=3).ssd
-    norms = [m for m in ssd.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    convs = [m for m in ssd.modules() if isinstance(m, torch.nn.Conv2d)]
-    # 13 VGG16 convolutions + fc6 + fc7 + 4 x 2 extra layers + 6 x 2 prediction convolutions
-    assert len(norms) == len(convs) == 13 + 2 + 8 + 12 == 35
-    assert not any("scale_weight" in name for name, _ in ssd.named_parameters()), "no L2Norm on conv4_3"
-    assert [m.bias for m in ssd.head.modules() if isinstance(m, torch.nn.Conv2d)] == [None] * 12
-
-    state = _vgg16_state(batch_norm=True)
-    for key, value in state.items():
-        if key.endswith("running_var"):
-            value.uniform_(0.5, 2)
-    path = tmp_path / "vgg16_bn.pth"
-    torch.save(state, path)
-    loaded = ssd300_vgg16_bn(4, pretrained=path, trainable_layers=4)
-    assert torch.equal(loaded.backbone.features[0].weight, state["features.0.weight"])          # conv1_1
-    assert torch.equal(loaded.backbone.features[31].running_var, state["features.31.running_var"])  # conv4_3's BN
-    assert torch.equal(loaded.backbone.extra[0][1].weight, state["features.34.weight"])         # conv5_1
-    frozen = [name for name, p in loaded.named_parameters() if not p.requires_grad]
-    assert frozen == ["backbone.features.0.weight", "backbone.features.0.bias",
-                      "backbone.features.3.weight", "backbone.features.3.bias"], "the first VGG stage freezes"
-    assert [type(loaded.backbone.features[i]).__name__ for i in (1, 4, 8)] == [
-        "FrozenBatchNorm2d", "FrozenBatchNorm2d", "BatchNorm2d"], "its BatchNorm keeps ImageNet statistics"
-    torch.save(_vgg16_state(batch_norm=False), tmp_path / "vgg16.pth")
-    with pytest.raises(ConfigError, match="pretrained: .*vgg16.pth: does not fit: expected a torchvision vgg16_bn"):
-        ssd300_vgg16_bn(4, pretrained=tmp_path / "vgg16.pth")
-    with pytest.raises(ConfigError, match="task.model.backbone: SSD300 is built on"):
-        SSDDetector(_ssd_cfg("resnet50"), num_classes=3)
-
-
 def test_centernet_targets_are_built_in_the_dataset_at_the_input_scale(data_dir):
     task = CocoTask(coco_cfg(data_dir, "task.data.image_size=64", "task.data.augment=none").task)
     task.setup(DistInfo())
@@ -432,10 +369,12 @@ def test_the_plain_variants_still_train_and_detect(model, overrides, arch, data_
     assert detections["boxes"].shape[1:] == (4,) and len(detections["scores"]) == len(detections["labels"])
 
 
-def test_batchnorm_ssd_needs_two_images_per_rank(data_dir):
+def test_ssd_config_errors_name_the_key(data_dir):
     with pytest.raises(ConfigError, match="task.data.batch_size: ssd300_vgg16_bn trains on at least 2 images per rank"):
         CocoTask(coco_cfg(data_dir, "task/model=ssd", "task.data.batch_size=1").task).setup(DistInfo())
     CocoTask(coco_cfg(data_dir, "task/model=ssd_vgg16", "task.data.batch_size=1").task).setup(DistInfo())
+    with pytest.raises(ConfigError, match="task.model.backbone: SSD300 is built on"):
+        CocoTask(coco_cfg(data_dir, "task/model=ssd", "task.model.backbone=resnet50").task).build_model()
 
 
 def test_scale_invariance_script_counts_the_weights_before_batchnorm(data_dir):
