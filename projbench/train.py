@@ -141,6 +141,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        task_state = self.task.state_dict()  # on every rank: a task may gather its ranks' state
         if not self.dist.is_main:
             return
         state = {
@@ -151,6 +152,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": _rng_state(),
             "wall_seconds": self.recorder.wall_seconds(),
+            "task": task_state,
         }
         path = self.run_dir / CHECKPOINT
         tmp = path.with_suffix(".tmp")
@@ -163,17 +165,19 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        self.task.load_state_dict(state.get("task", {}))
         _set_rng_state(state["rng"])
         self.recorder.wall_offset = float(state["wall_seconds"])
         self.step = int(state["step"])
         return self.step
 
     # -- the loop ------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, dict[str, float]]:
+    def evaluate(self, loaders: dict | None = None) -> dict[str, dict[str, float]]:
+        """Evaluate on `loaders` (default: the task's eval loaders) and log under their names."""
         self.model.eval()
         results = {}
         with torch.no_grad(), self._autocast():
-            for split, loader in self.eval_loaders.items():
+            for split, loader in (self.eval_loaders if loaders is None else loaders).items():
                 results[split] = self.task.evaluate(self.model, loader, self.device)
                 self.recorder.log(split, results[split], self.step, self.epoch)
         self.model.train()
@@ -265,6 +269,11 @@ class Trainer:
                 self._check_finite(bad_step, loss_sum)
                 self.save_checkpoint()
         bar.close()
+        # the task's final evaluation protocol, if it has one: once, also when a resumed run had done its steps
+        per_rank = int(self.cfg.task.data.batch_size) // self.dist.world_size
+        final_loaders = self.task.final_eval_loaders(per_rank, self.dist)
+        if final_loaders:
+            self.evaluate(final_loaders)
         return self.recorder.final
 
     def _check_finite(self, bad_step: torch.Tensor, loss_sum: torch.Tensor) -> None:

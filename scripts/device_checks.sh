@@ -40,4 +40,7 @@ step test_detectors 180 "$py" -m pytest -q -p no:cacheprovider -k cuda tests/tes
 step bench_optim 240 "$py" scripts/bench_optim.py --device cuda --rounds 50 --out "$out/bench_optim_cuda.md"
 step bench_train 240 "$py" scripts/bench_train.py --device cuda --model resnet50 --batch-size 256 \
     --precision bf16 --channels-last --steps 50 --rounds 3 --out "$out/bench_train_cuda.md"
+# Table 4a's cost: WRN-34-10 PGD-10 adversarial training steps/s -> device-hours a run (README, Table 4a)
+step adv_training_cost 180 "$py" scripts/adv_training_cost.py --device cuda --steps 20 \
+    --out "$out/adv_training_cost_cuda.md"
 exit $status

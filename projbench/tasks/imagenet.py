@@ -16,8 +16,8 @@ folders under train/, checked against `task.num_classes` on real data.
 
 from __future__ import annotations
 
-
 import torch
+from omegaconf import DictConfig
 from timm.data import Mixup, create_transform
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
@@ -36,6 +36,16 @@ HINT = ("Prepare ImageNet-1k in that layout (train/<wnid>/*.JPEG and val/<wnid>/
         "(or paths.data_dir=<dir holding imagenet/>), or set task.data.fixture=true for a tiny stand-in")
 
 
+def imagenet_transforms(data: DictConfig):
+    """(train, eval) transforms from timm for `task.data`'s image_size, crop_scale, hflip,
+    color_jitter, interpolation and crop_pct: random-resized crop + flip; resize + centre crop."""
+    size, interpolation = int(data.image_size), str(data.interpolation)
+    train = create_transform(size, is_training=True, scale=tuple(data.crop_scale), hflip=float(data.hflip),
+                             color_jitter=data.color_jitter, interpolation=interpolation)
+    evaluation = create_transform(size, is_training=False, crop_pct=float(data.crop_pct), interpolation=interpolation)
+    return train, evaluation
+
+
 class ImageNetTask(ClassificationTask):
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -49,7 +59,7 @@ class ImageNetTask(ClassificationTask):
             raise ConfigError("task.data.on_bad_image",
                               f"got {data.on_bad_image!r}; choose one of {list(ON_BAD_IMAGE)}")
         root = self.prepare_fixture(dist, lambda tmp: write_imagenet_fixture(tmp, **FIXTURE))
-        train_tf, eval_tf = self.transforms()
+        train_tf, eval_tf = imagenet_transforms(data)
         train = read_split(root, "train", train_tf, data.on_bad_image, hint=HINT)
         val = read_split(root, "val", eval_tf, data.on_bad_image, train.class_to_idx, HINT)
         expected = self.cfg.get("num_classes")
@@ -64,16 +74,6 @@ class ImageNetTask(ClassificationTask):
             self._mixup = Mixup(mixup_alpha=0.0, cutmix_alpha=float(self.cfg.cutmix_alpha),
                                 prob=float(self.cfg.cutmix_prob), mode="batch",
                                 label_smoothing=float(self.cfg.label_smoothing), num_classes=self.num_classes)
-
-    def transforms(self):
-        """(train, eval) transforms from timm: random-resized crop + flip; resize + centre crop."""
-        data = self.cfg.data
-        size, interpolation = int(data.image_size), str(data.interpolation)
-        train = create_transform(size, is_training=True, scale=tuple(data.crop_scale), hflip=float(data.hflip),
-                                 color_jitter=data.color_jitter, interpolation=interpolation)
-        evaluation = create_transform(size, is_training=False, crop_pct=float(data.crop_pct),
-                                      interpolation=interpolation)
-        return train, evaluation
 
     @property
     def num_classes(self) -> int:
