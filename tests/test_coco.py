@@ -374,7 +374,7 @@ def test_ssd_config_errors_name_the_key(data_dir):
         CocoTask(coco_cfg(data_dir, "task/model=ssd", "task.data.batch_size=1").task).setup(DistInfo())
     CocoTask(coco_cfg(data_dir, "task/model=ssd_vgg16", "task.data.batch_size=1").task).setup(DistInfo())
     with pytest.raises(ConfigError, match="task.model.backbone: SSD300 is built on"):
-        CocoTask(coco_cfg(data_dir, "task/model=ssd", "task.model.backbone=resnet50").task).build_model()
+        CocoTask(coco_cfg(data_dir, "task/model=ssd", "task.model.backbone=resnet50").task).setup(DistInfo())
 
 
 def test_scale_invariance_script_counts_the_weights_before_batchnorm(data_dir):
