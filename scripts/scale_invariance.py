@@ -4,7 +4,7 @@ test at the first training step, as a share of the model's trainable parameters 
     .venv/bin/python scripts/scale_invariance.py task=coco task.data.fixture=true \\
         task.data.image_size=64 task.data.batch_size=4
     .venv/bin/python scripts/scale_invariance.py task=coco task/model=ssd task.data.fixture=true \\
-        task.data.batch_size=2
+        task.data.batch_size=16
 
 Arguments are Hydra overrides of the run config (conf/), as for `python -m projbench`. The task
 is set up (a fixture is written if asked), its model built, and one training batch's loss
@@ -12,8 +12,8 @@ backpropagated at the initial weights; then each weight with more than one dimen
 as the optimizers test it before their first step (projbench.diagnostics.detect: the channel,
 then the layer view of projbench.optim.projection, delta 0.1). A weight that is all zeros (e.g.
 CenterNet's offset / mask convolutions at their start) or gets no gradient on that batch (e.g.
-plain SSD300's last feature maps, dead after their ReLU on small images) passes that test
-vacuously (its cosine is 0 / eps); it is counted apart, not as scale-invariant. Nothing is
+an SSD300 layer that serves only default boxes that no object of a small batch matches) passes
+that test vacuously (its cosine is 0 / eps); it is counted apart, not as scale-invariant. Nothing is
 trained or written besides the fixture. Prints one line per count: scale-invariant / all
 trainable, and the vacuous passes.
 """
