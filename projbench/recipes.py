@@ -423,8 +423,10 @@ def table_notes(experiment: str, cells: Sequence = ()) -> list[tuple[str, str, s
         sources = spec.sources
         if spec.version:
             notes.append((f"{spec.name}: paper numbers", spec.version, sources.get("version", NO_SOURCE)))
-        notes.append((f"{spec.name}: reported value", f"{spec.value} {spec.metric}",
-                      sources.get("value", NO_SOURCE)))
+        per_axis = [f"{axis.name}: {axis.value}" for axis in (*spec.rows, *spec.columns)
+                    if axis.value and axis.value != spec.value]
+        shown = f"{spec.value} {spec.metric}" + (f" ({'; '.join(per_axis)})" if per_axis else "")
+        notes.append((f"{spec.name}: reported value", shown, sources.get("value", NO_SOURCE)))
         notes.append((f"{spec.name}: seeds", ours, sources.get("seeds", NO_SOURCE)))
     return notes
 

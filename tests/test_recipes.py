@@ -92,8 +92,10 @@ def test_every_recipe_value_of_every_table_has_a_public_source(sweeps):
 
 def _package(path: Path) -> str:
     """Where a conf/ file's keys land in the composed config."""
-    if path.read_text().startswith("# @package _global_"):
-        return ""
+    header = path.read_text().split("\n", 1)[0]
+    if header.startswith("# @package "):
+        package = header.removeprefix("# @package ").strip()
+        return "" if package == "_global_" else package
     group = path.parent.relative_to(ROOT / "conf").as_posix()
     return {"optim": "optim", "trainer": "trainer", "task/model": "task.model", "task/loss": "task.loss"}[group]
 
