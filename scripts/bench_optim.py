@@ -274,23 +274,53 @@ def process_cpu_times() -> dict[int, tuple[float, int, str]]:
     return out
 
 
-def other_load(before: dict[int, tuple[float, int, str]], seconds: float, top: int = 4) -> str:
-    """What else ran since `before`: the CPU time of processes other than this one and its
-    children (torch.compile's workers), in cores on average, the busiest named."""
-    if not before:
-        return "unknown (no /proc)"
-    after = process_cpu_times()
-    ours = {os.getpid()}
-    while True:  # this process and its descendants
-        more = {pid for pid, (_, ppid, _) in after.items() if ppid in ours} - ours
-        if not more:
-            break
-        ours |= more
-    used = sorted(((cpu - before.get(pid, (0.0,))[0], cmd) for pid, (cpu, _, cmd) in after.items()
-                   if pid not in ours), reverse=True)
-    total = sum(u for u, _ in used)
-    busiest = "; ".join(f"`{cmd or '?'}` {u / seconds:.2f}" for u, cmd in used[:top] if u > 0)
-    return f"{total / seconds:.2f} cores busy with other processes on average (busiest: {busiest})"
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux /proc/stat), None elsewhere."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its waited-for children (torch.compile's workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@dataclass
+class Others:
+    """What else ran during the benchmark: the machine's busy CPU time minus this process's."""
+
+    busy: float | None
+    own: float
+    processes: dict[int, tuple[float, int, str]]
+    start: float
+
+    @classmethod
+    def now(cls) -> Others:
+        return cls(busy_cpu_seconds(), own_cpu_seconds(), process_cpu_times(), time.monotonic())
+
+    def report(self, top: int = 4) -> str:
+        seconds = time.monotonic() - self.start
+        busy = busy_cpu_seconds()
+        if busy is None or self.busy is None:
+            return "what else ran: unknown (no /proc)"
+        others = (busy - self.busy) - (own_cpu_seconds() - self.own)
+        after = process_cpu_times()
+        ours = {os.getpid()}
+        while True:  # this process and its descendants
+            more = {pid for pid, (_, ppid, _) in after.items() if ppid in ours} - ours
+            if not more:
+                break
+            ours |= more
+        used = sorted(((cpu - self.processes.get(pid, (0.0,))[0], cmd) for pid, (cpu, _, cmd) in after.items()
+                       if pid not in ours), reverse=True)
+        busiest = "; ".join(f"`{cmd or '?'}` {u / seconds:.2f}" for u, cmd in used[:top] if u > 0.01 * seconds)
+        return (f"other processes kept {max(others, 0.0) / seconds:.2f} of the {os.cpu_count()} cores busy on "
+                f"average over the {seconds:.0f} s (busiest still running at the end, cores: {busiest or 'none'})")
 
 
 def main() -> None:
@@ -340,7 +370,7 @@ def main() -> None:
     print("\n".join(machine), flush=True)
 
     report = ["# Optimizer step time", "", *machine, ""]
-    others, start = process_cpu_times(), time.monotonic()
+    others = Others.now()
     for arch in args.models.split(","):
         n_params = sum(p.numel() for p in getattr(torchvision.models, arch)().parameters())
         for mode in grad_modes:
@@ -349,7 +379,7 @@ def main() -> None:
             title = f"## {arch} ({n_params / 1e6:.1f}M parameters), {mode} gradients: ms per step()"
             print("\n" + title, *rows, *summary, sep="\n", flush=True)
             report += [title, "", *rows, "", *[f"- {s}" for s in summary], ""]
-    report.append(f"Load average after: {load()}. During the run: {other_load(others, time.monotonic() - start)}.")
+    report.append(f"Load average after: {load()}. During the run {others.report()}.")
     print(report[-1])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,12 +16,13 @@ class SGDP(ProjectedOptimizer):
     state, the projection decision stays on the device (no host sync), and the per-element work
     is done for all parameters of a group at once.
 
-    `fused` (not in the official code, named as torch's): the multi-tensor step, one kernel call
-    for all parameters of a group (projbench/optim/multi_tensor.py). None (the default): wherever
-    it is available (on the CPU, where a C++ compiler builds the kernel once per machine);
-    True: required (an error where unavailable); False: the eager step, PyTorch ops (foreach
-    kernels on CUDA; on the CPU, where foreach is a loop anyway, per-tensor ops that do two
-    foreach passes' work in one). Same numbers either way (results/bench_optim.md for the speed).
+    `fused` (not in the official code, named as torch's): the multi-tensor step, all parameters of
+    a group in one kernel call on the CPU, two Triton launches on CUDA (multi_tensor.py). None (the
+    default): on the CPU where a C++ compiler builds the kernel (once per machine), eager on CUDA
+    until its kernels have run on a GPU (multi_tensor.FUSED_BY_DEFAULT); True: required (an error
+    where unavailable); False: the eager step, PyTorch ops (foreach kernels on CUDA; on the CPU,
+    where foreach is a loop anyway, per-tensor ops that do two foreach passes' work in one). Same
+    numbers either way (results/bench_optim.md for the speed).
     """
 
     def __init__(self, params, lr=required, momentum=0, dampening=0, weight_decay=0,
