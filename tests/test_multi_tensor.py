@@ -205,3 +205,24 @@ def test_cuda_kernels_in_the_triton_interpreter():
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout
+
+
+def test_a_weight_changing_layout_is_planned_again():
+    """`p.data` replaced by a transposed copy (same shape, rows no longer in memory order): the
+    group leaves the kernel for the eager step instead of walking the new memory as rows."""
+    torch.manual_seed(0)
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        w = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+        opt = SGDP([w], lr=0.1, momentum=0.9, weight_decay=1e-2, fused=fused)
+        for step in range(4):
+            if step == 2:
+                w.data = w.data.t().contiguous().t()
+            g = torch.randn(6, 5, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+            w.grad = orthogonal(g, w.detach(), 6)  # the channel view: per-row coefficients matter
+            opt.step()
+            assert opt.last_projection[0].projected.tolist() == [True]
+        runs.append(w)
+    assert not runs[1].is_contiguous()
+    assert (runs[0] - runs[1]).abs().max() < 1e-12

@@ -105,7 +105,8 @@ def plan_for(params: list[Tensor]) -> Plan:
 
 
 def plan_key(params: list[Tensor]) -> tuple:
-    return tuple((id(p), p.shape, p.dtype) for p in params)
+    """What a plan depends on: the parameters, their shapes, layouts and dtypes."""
+    return tuple((id(p), p.shape, p.stride(), p.dtype) for p in params)
 
 
 def zeros_state(p: Tensor) -> Tensor:
