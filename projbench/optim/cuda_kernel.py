@@ -79,36 +79,47 @@ def _hyper(table, S_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _tensors(ptrs, param, W_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr):
+def _program(work, ptrs, table, W_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr):
+    """This program's work-table entry: its row (or -1), statistics slot, first element and
+    elements, its parameter's tensors and step factors (step size, k)."""
+    pid = tl.program_id(0)
+    param = tl.load(work + pid * 5)
+    row = tl.load(work + pid * 5 + 1)
+    slot = tl.load(work + pid * 5 + 2)
+    start = tl.load(work + pid * 5 + 3)
+    n = tl.load(work + pid * 5 + 4)
     w_ptr = tl.load(ptrs + param * 4).to(tl.pointer_type(W_DTYPE))
     g_ptr = tl.load(ptrs + param * 4 + 1).to(tl.pointer_type(W_DTYPE))
     s0_ptr = tl.load(ptrs + param * 4 + 2).to(tl.pointer_type(S_DTYPE))
     s1_ptr = tl.load(ptrs + param * 4 + 3).to(tl.pointer_type(S_DTYPE))
-    return w_ptr, g_ptr, s0_ptr, s1_ptr
+    s = tl.load(table + 6 + param * 2).to(S_DTYPE)
+    k = tl.load(table + 6 + param * 2 + 1).to(S_DTYPE)
+    return row, slot, start, n, w_ptr, g_ptr, s0_ptr, s1_ptr, s, k
+
+
+@triton.jit
+def _block(w_ptr, g_ptr, start, b, n, S_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """Block b of a program's elements: indices, mask, weights and gradients (compute dtype)."""
+    lane = b * BLOCK + tl.arange(0, BLOCK)
+    mask = lane < n
+    idx = start + lane
+    w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
+    return idx, mask, w, g
 
 
 @triton.jit
 def _moments_rows(ptrs, table, work, stats, n_slots, W_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
                   ADAM: tl.constexpr, NESTEROV: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
-    pid = tl.program_id(0)
-    param = tl.load(work + pid * 5)
-    slot = tl.load(work + pid * 5 + 2)
-    start = tl.load(work + pid * 5 + 3)
-    n = tl.load(work + pid * 5 + 4)
-    w_ptr, g_ptr, s0_ptr, s1_ptr = _tensors(ptrs, param, W_DTYPE, S_DTYPE)
+    _, slot, start, n, w_ptr, g_ptr, s0_ptr, s1_ptr, _, k = _program(work, ptrs, table, W_DTYPE, S_DTYPE)
     momentum, dampening, beta1, beta2, eps, _ = _hyper(table, S_DTYPE)
-    k = tl.load(table + 6 + param * 2 + 1).to(S_DTYPE)
     gw = tl.zeros([BLOCK], S_DTYPE)
     gg = tl.zeros([BLOCK], S_DTYPE)
     ww = tl.zeros([BLOCK], S_DTYPE)
     wu = tl.zeros([BLOCK], S_DTYPE)
     for b in range(BLOCKS):
         if b * BLOCK < n:
-            lane = b * BLOCK + tl.arange(0, BLOCK)
-            mask = lane < n
-            idx = start + lane
-            g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
-            w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
+            idx, mask, w, g = _block(w_ptr, g_ptr, start, b, n, S_DTYPE, BLOCK)
             m, v = _moments(g, s0_ptr, s1_ptr, idx, mask, momentum, dampening, beta1, beta2, ADAM)
             u = _update(g, m, v, k, momentum, beta1, eps, ADAM, NESTEROV)
             gw += g * w
@@ -124,25 +135,14 @@ def _moments_rows(ptrs, table, work, stats, n_slots, W_DTYPE: tl.constexpr, S_DT
 @triton.jit
 def _step(ptrs, table, work, coef, scale, W_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, ADAM: tl.constexpr,
           NESTEROV: tl.constexpr, PROJECT_BUFFER: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
-    pid = tl.program_id(0)
-    param = tl.load(work + pid * 5)
-    row = tl.load(work + pid * 5 + 1)
-    start = tl.load(work + pid * 5 + 3)
-    n = tl.load(work + pid * 5 + 4)
-    w_ptr, g_ptr, s0_ptr, s1_ptr = _tensors(ptrs, param, W_DTYPE, S_DTYPE)
+    row, _, start, n, w_ptr, g_ptr, s0_ptr, s1_ptr, s, k = _program(work, ptrs, table, W_DTYPE, S_DTYPE)
     momentum, dampening, beta1, beta2, eps, plain_decay = _hyper(table, S_DTYPE)
-    s = tl.load(table + 6 + param * 2).to(S_DTYPE)
-    k = tl.load(table + 6 + param * 2 + 1).to(S_DTYPE)
     if row >= 0:  # a segment of a multi-dimensional weight's row: moments updated by _moments_rows
         c = tl.load(coef + row)
         a = tl.load(scale + row)  # the decay (buffer projection) or decay + s * c
         for b in range(BLOCKS):
             if b * BLOCK < n:
-                lane = b * BLOCK + tl.arange(0, BLOCK)
-                mask = lane < n
-                idx = start + lane
-                w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
-                g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
+                idx, mask, w, g = _block(w_ptr, g_ptr, start, b, n, S_DTYPE, BLOCK)
                 m = tl.load(s0_ptr + idx, mask=mask, other=0.0)
                 if ADAM:
                     v = tl.load(s1_ptr + idx, mask=mask, other=0.0)
@@ -156,11 +156,7 @@ def _step(ptrs, table, work, coef, scale, W_DTYPE: tl.constexpr, S_DTYPE: tl.con
     else:  # a segment of a 1-D parameter: moments, decay and step
         for b in range(BLOCKS):
             if b * BLOCK < n:
-                lane = b * BLOCK + tl.arange(0, BLOCK)
-                mask = lane < n
-                idx = start + lane
-                w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
-                g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(S_DTYPE)
+                idx, mask, w, g = _block(w_ptr, g_ptr, start, b, n, S_DTYPE, BLOCK)
                 m, v = _moments(g, s0_ptr, s1_ptr, idx, mask, momentum, dampening, beta1, beta2, ADAM)
                 u = _update(g, m, v, k, momentum, beta1, eps, ADAM, NESTEROV)
                 tl.store(w_ptr + idx, (w * plain_decay - s * u).to(W_DTYPE), mask=mask)
