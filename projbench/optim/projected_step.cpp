@@ -193,10 +193,12 @@ struct Kernel {
     const int64_t n = p.cols;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t o = r * n;
+      const T* gr = g + o;
+      const T* wr = w + o;
       C gw = 0, gg = 0, ww = 0;
 #pragma omp simd reduction(+ : gw, gg, ww)
-      for (int64_t j = o; j < o + n; ++j) {
-        const C gj = to_compute(g[j]), wj = to_compute(w[j]);
+      for (int64_t j = 0; j < n; ++j) {
+        const C gj = to_compute(gr[j]), wj = to_compute(wr[j]);
         gw += gj * wj;
         gg += gj * gj;
         ww += wj * wj;
@@ -209,14 +211,16 @@ struct Kernel {
 
   // Elements [i0, i1) of an unprojected parameter: moments, decay and step in one pass.
   void plain(int64_t i0, int64_t i1, C decay) const {
+    const int64_t n = i1 - i0;
 #pragma omp simd
-    for (int64_t j = i0; j < i1; ++j) apply(j, moments(j, to_compute(g[j])), 0, decay);
+    for (int64_t j = 0; j < n; ++j) apply(i0 + j, moments(i0 + j, to_compute(g[i0 + j])), 0, decay);
   }
 
   // Pass 2 over rows [r0, r1) of a projected weight: the moments and each row's w.u. In the
   // channel view the row's coefficient is then known and the row steps at once, its update
   // kept in `scratch` (cols elements: in cache); the layer view steps in pass 3.
   void moments_rows(int64_t r0, int64_t r1, const Decision& d, RowStats* st, C* scratch) const {
+    constexpr bool kUpdateIsBuffer = !Adam && !Nesterov;  // u is SGD's buffer: no copy needed
     const int64_t n = p.cols;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t o = r * n;
@@ -224,14 +228,15 @@ struct Kernel {
 #pragma omp simd reduction(+ : wu)
       for (int64_t j = 0; j < n; ++j) {
         const C u = moments(o + j, to_compute(g[o + j]));
-        scratch[j] = u;
+        if constexpr (!kUpdateIsBuffer) scratch[j] = u;
         wu += to_compute(w[o + j]) * u;
       }
       st[r].wu = wu;
       if (d.channel) {
         const C c = static_cast<C>(coefficient(st[r].wu, st[r].ww, h.eps)), decay = d.decay;
+        const C* u = kUpdateIsBuffer ? s0 + o : scratch;
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) apply(o + j, scratch[j], c, decay);
+        for (int64_t j = 0; j < n; ++j) apply(o + j, u[j], c, decay);
       }
     }
   }
@@ -239,8 +244,9 @@ struct Kernel {
   // Pass 3 over rows [r0, r1) of a weight projected in the layer view.
   void layer_step(int64_t r0, int64_t r1, const Decision& d) const {
     const C c = static_cast<C>(d.coef_layer), decay = d.decay;
+    const int64_t i0 = r0 * p.cols, n = (r1 - r0) * p.cols;
 #pragma omp simd
-    for (int64_t j = r0 * p.cols; j < r1 * p.cols; ++j) apply(j, update(j), c, decay);
+    for (int64_t j = 0; j < n; ++j) apply(i0 + j, update(i0 + j), c, decay);
   }
 };
 
