@@ -14,9 +14,10 @@ kernel's build or load).
 Two kinds of gradient (`--grads`, both by default, one table each):
 * `random`: as drawn; the projection test mostly fails, so the official code skips the projection
   arithmetic (its cheapest case).
-* `invariant`: each conv weight's gradient has its component along each filter removed, as in a
-  real ResNet (every conv is followed by BatchNorm, so its gradient is orthogonal to each filter):
-  SGDP/AdamP take the projection branch for every conv weight, as they do in training.
+* `invariant`: before every step (untimed), each conv weight's gradient has its component along
+  each filter of the current weight removed, as in a real ResNet (every conv is followed by
+  BatchNorm, so its gradient is orthogonal to each filter): SGDP/AdamP take the projection branch
+  for every conv weight at every step, as they do in training. Each optimizer has its own copy.
 
 Timings are wall-clock by default. On a shared machine other processes inflate and scatter them
 (the p25-p75 column shows how much; the load average before and after is recorded);
@@ -144,15 +145,19 @@ def entries(device: str, revisions: tuple[tuple[str, ModuleType], ...] = ()) -> 
     return out
 
 
-def make_grads(model: torch.nn.Module, mode: str, generator: torch.Generator) -> list[torch.Tensor]:
-    grads = []
-    for p in model.parameters():
-        g = torch.randn(p.shape, generator=generator, dtype=p.dtype) * 1e-3
-        if mode == "invariant" and p.dim() == 4:
-            w, rows = p.detach().cpu().reshape(p.size(0), -1), g.reshape(p.size(0), -1)
+def make_grads(model: torch.nn.Module, generator: torch.Generator) -> list[torch.Tensor]:
+    return [(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 1e-3).to(p.device)
+            for p in model.parameters()]
+
+
+@torch.no_grad()
+def project_off_filters_(params: list[torch.Tensor]) -> None:
+    """Remove from each conv weight's gradient its component along each filter (in place), as
+    BatchNorm after the conv does in a real ResNet."""
+    for p in params:
+        if p.dim() == 4:
+            w, rows = p.reshape(p.size(0), -1), p.grad.view(p.size(0), -1)
             rows -= w * ((rows * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True))
-        grads.append(g.to(p.device))
-    return grads
 
 
 def sync(device: str) -> None:
@@ -174,24 +179,27 @@ def bench_model(arch: str, device: str, rounds: int, warmup: int, grads_mode: st
     as failed (e.g. a kernel that does not compile on this device) and the others go on."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)().to(device)
-    grads = make_grads(model, grads_mode, torch.Generator().manual_seed(1))
+    grads = make_grads(model, torch.Generator().manual_seed(1))
+    invariant = grads_mode == "invariant"
     timings = Timings({}, {}, {})
     optimizers = []
     for entry in entries(device, revisions):
         params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
         for p, g in zip(params, grads):
-            p.grad = g  # shared: no optimizer here writes into its gradients
+            p.grad = g.clone() if invariant else g  # random: shared, no optimizer writes into its gradients
         try:
-            optimizers.append((entry, entry.make(params)))
+            optimizers.append((entry, entry.make(params), params))
         except Exception as exc:  # noqa: BLE001 - reported in the table
             timings.failed[entry.name] = f"{type(exc).__name__}: {exc}"
     del model
-    timings.steps = {e.name: [] for e, _ in optimizers}
+    timings.steps = {e.name: [] for e, _, _ in optimizers}
     for r in range(warmup + rounds):
         shift = r % len(optimizers)
-        for entry, opt in optimizers[shift:] + optimizers[:shift]:
+        for entry, opt, params in optimizers[shift:] + optimizers[:shift]:
             if entry.name in timings.failed:
                 continue
+            if invariant:
+                project_off_filters_(params)
             sync(device)
             t0 = clock()
             try:

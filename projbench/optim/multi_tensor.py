@@ -50,7 +50,8 @@ def fusable(p: Tensor) -> bool:
 
 def same_layout(a: Tensor, b: Tensor) -> bool:
     """Whether `a` and `b` (same shape) put every element at the same offset (size-1 dims aside)."""
-    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+    sa, sb = a.stride(), b.stride()
+    return sa == sb or all(x == y for x, y, n in zip(sa, sb, a.shape) if n > 1)
 
 
 def in_layout_of(x: Tensor, p: Tensor) -> Tensor:
