@@ -9,7 +9,8 @@ directories (summary.json + .hydra/config.yaml, found recursively; default: ./ou
 roots) or from a W&B project. A cell is the mean, sample std and count over seeds of the matching
 completed runs; failed and unfinished runs are left out and counted, a cell without runs stays
 empty and is listed, never filled with the paper's number. Tables go to <out>/tables/<table>.<ext>
-and stdout; figures (projbench/figures.py) to <out>/figures/.
+and stdout; figures (projbench/figures.py) to <out>/figures/: training curves per task, and the
+figure a table names in its `figure:` entry (drawn from that table's runs).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class TableSpec:
     columns: tuple[Axis, ...]
     paper: dict[str, dict[str, float | None]]
     aliases: tuple[str, ...] = ()
+    figure: dict[str, Any] = field(default_factory=dict)  # {kind: ..., ...}: projbench/figures.py TABLE_FIGURES
 
     def axis(self, kind: str, name: str) -> Axis:
         return next(a for a in (self.rows if kind == "row" else self.columns) if a.name == name)
@@ -109,7 +111,7 @@ def _table(name: str, raw: dict) -> TableSpec:
         decimals=int(raw.get("decimals", 2)), select=dict(raw.get("select") or {}),
         row_header=raw.get("row_header", ""), info_columns=tuple(raw.get("info_columns") or ()),
         rows=rows, columns=columns, aliases=tuple(raw.get("aliases") or ()),
-        paper={str(r): dict(v or {}) for r, v in raw["paper"].items()})
+        paper={str(r): dict(v or {}) for r, v in raw["paper"].items()}, figure=dict(raw.get("figure") or {}))
     _validate(spec)
     return spec
 
@@ -118,6 +120,12 @@ def _validate(spec: TableSpec) -> None:
     row_names, col_names = [r.name for r in spec.rows], [c.name for c in spec.columns]
     if spec.value not in ("final", "best"):
         raise SpecError(f"{spec.name}: value must be final or best, got {spec.value!r}")
+    if spec.figure:
+        from projbench.figures import TABLE_FIGURES
+
+        if spec.figure.get("kind") not in TABLE_FIGURES:
+            raise SpecError(f"{spec.name}: figure kind must be one of {sorted(TABLE_FIGURES)}, "
+                            f"got {spec.figure.get('kind')!r}")
     for kind, axes, names in (("row", spec.rows, row_names), ("column", spec.columns, col_names)):
         for axis in axes:
             if (axis.direction or spec.direction) not in ("max", "min"):
@@ -303,6 +311,7 @@ class Cell:
     paper: float | None
     values: list[float] = field(default_factory=list)
     seeds: list[Any] = field(default_factory=list)
+    runs: list[Run] = field(default_factory=list)   # the runs behind `values`, in the same order
     models: set[str] = field(default_factory=set)
     excluded: dict[str, int] = field(default_factory=dict)
     derived_from: tuple[str, ...] = ()
@@ -387,6 +396,7 @@ def build_table(spec: TableSpec, runs: list[Run]) -> TableResult:
                 run, value = chosen[seed]
                 cell.values.append(value)
                 cell.seeds.append(seed)
+                cell.runs.append(run)
                 if run.summary.get("model"):
                     cell.models.add(str(run.summary["model"]))
     _fill_derived(spec, cells)
@@ -618,9 +628,10 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         info(f"wrote {path}")
     if args.figures:
-        from projbench.figures import write_figures
+        from projbench.figures import write_figures, write_table_figures
 
-        for path in write_figures([r for r in runs if r.run_dir is not None], out / "figures"):
+        paths = write_figures([r for r in runs if r.run_dir is not None], out / "figures")
+        for path in paths + write_table_figures(results, out / "figures"):
             info(f"wrote {path}")
     return 0
 

@@ -125,25 +125,43 @@ def _passes_paper_test(w, g, delta=0.1, eps=1e-8):
 
 
 @pytest.mark.parametrize("optim", ["sgd", "sgdp"])
-def test_diagnostics_measure_the_scale_invariant_weights(optim):
+def test_diagnostics_measure_a_fixed_set_of_scale_invariant_weights(optim):
     torch.manual_seed(0)
     net = _bn_net()
     opt = build_optimizer(make_cfg([f"optim={optim}", "optim.weight_decay=0.01"]).optim, net)
-    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
-    torch.nn.functional.cross_entropy(net(x), y).backward()
+    monitor = diagnostics.ScaleInvariance(opt, every=2)
     weights = [net[0].weight, net[4].weight]
-    expected = [_passes_paper_test(w.detach(), w.grad) for w in weights]
-    assert expected[0], "a conv followed by BatchNorm is scale-invariant"
-    detected = diagnostics.detect(opt)
-    assert (detected is None) == (optim == "sgdp")
-    opt.step()
-    values = diagnostics.scale_invariance(opt, detected)
-    numel = torch.tensor([w.numel() for w in weights], dtype=torch.float64)
-    mask = torch.tensor(expected, dtype=torch.float64)
-    norms = torch.stack([w.detach().norm() for w in weights]).double()
-    assert values["projected_fraction"] == pytest.approx(float((numel * mask).sum() / numel.sum()))
-    assert values["weight_norm"] == pytest.approx(float((norms * mask).sum() / mask.sum()), rel=1e-5)
-    assert values["effective_step"] == pytest.approx(float((0.1 / norms**2 * mask).sum() / mask.sum()), rel=1e-5)
+    for step in range(1, 5):
+        x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        expected = [_passes_paper_test(w.detach(), w.grad) for w in weights]
+        if step == 1:
+            assert expected[0], "a conv followed by BatchNorm is scale-invariant"
+            first = expected
+        before = [w.detach().clone() for w in weights]
+        pending = monitor.before_step(step)
+        opt.step()
+        values = monitor.after_step(pending)
+        assert [any(w is v for v in monitor.weights) for w in weights] == first  # fixed at step 1
+        if step % 2:
+            assert values == {}
+            continue
+        numel = torch.tensor([w.numel() for w in weights], dtype=torch.float64)
+        mask = torch.tensor(expected, dtype=torch.float64)
+        assert values["projected_fraction"] == pytest.approx(float((numel * mask).sum() / numel.sum()))
+        fixed = [(w.detach().double(), b.double()) for w, b, ok in zip(weights, before, first) if ok]
+        norms = torch.stack([w.norm() for w, _ in fixed])
+        steps = torch.stack([(w / w.norm() - b / b.norm()).norm() for w, b in fixed])
+        assert steps.min() > 0
+        assert values["weight_norm"] == pytest.approx(float(norms.mean()), rel=1e-5)
+        assert values["effective_step"] == pytest.approx(float(steps.mean()), rel=1e-4)
+        assert values["effective_lr"] == pytest.approx(float((0.1 / norms**2).mean()), rel=1e-5)
+    params = list(net.parameters())
+    n_si = sum(w.numel() for w, ok in zip(weights, first) if ok)
+    assert monitor.summary() == {"tensors": sum(first), "tensors_share": sum(first) / len(params),
+                                 "params": n_si, "params_share": n_si / sum(p.numel() for p in params),
+                                 "detected_at_step": 1}
 
 
 def test_no_decay_bias_norm_groups():

@@ -11,8 +11,9 @@ from torch import nn
 
 from projbench.errors import ConfigError
 
-# Keys of conf/optim/*.yaml that are ours, not the optimizer's arguments.
-_META_KEYS = ("name", "_target_", "no_decay_bias_norm")
+# Keys of conf/optim/*.yaml that are ours, not the optimizer's arguments (`sources`: where each
+# recipe value comes from).
+_META_KEYS = ("name", "_target_", "no_decay_bias_norm", "sources")
 
 
 def param_groups(model: nn.Module, no_decay_bias_norm: bool, extra_groups: Iterable[dict] = ()) -> list[dict]:
