@@ -32,7 +32,7 @@ History = list[dict]
 #: task name -> fn({curve label: [history of each run]}, out_dir, stem) -> the figures it wrote
 TaskFigure = Callable[[dict[str, list[History]], Path, str], list[Path]]
 TASK_FIGURES: dict[str, TaskFigure] = {}
-OPTIM_ORDER = ["sgd", "sgdp", "adam", "adamw", "adamp"]
+OPTIM_ORDER = ["sgd", "sgdp", "sgdp_alg1", "adam", "adamw", "adamp"]
 # Overrides that never tell settings apart in a legend (the optimizer's name leads every label).
 IGNORED_OVERRIDES = {"seed", "optim", "experiment", "trainer.progress"}
 IGNORED_PREFIXES = ("hydra", "logger", "paths")

@@ -252,6 +252,9 @@ def main() -> None:
     for form in ("sgd", "official", "alg1"):
         traj, r = simulate(chosen, lr, form)
         print(f"     {form:8s} final r {r[0, -1]:.3f}, ends {traj[0, -1]}")
+    slower = {form: simulate(chosen, 0.8 * lr, form)[1][0, -1] for form in ("official", "alg1")}
+    print(f"     at 0.8 times that lr (the page's projection / GD first steps): official {slower['official']:.3f}, "
+          f"Algorithm 1 {slower['alg1']:.3f}")
 
     print("5. Weight decay (coupled, same lr) for the page's decay panel: final r 0.84")
     decays = np.linspace(50.0, 120.0, 71)

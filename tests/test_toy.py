@@ -12,7 +12,13 @@ TOY = ["task=toy", "logger=none", "trainer.progress=false"]
 
 
 def _run(tmp_path, name, overrides):
-    return train(make_cfg(TOY + overrides), tmp_path / name)
+    """One run in-process; its config snapshot where Hydra would write it, so tables find it."""
+    from omegaconf import OmegaConf
+
+    cfg = make_cfg(TOY + overrides)
+    (tmp_path / name / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, tmp_path / name / ".hydra" / "config.yaml")
+    return train(cfg, tmp_path / name)
 
 
 def test_momentum_norm_growth_matches_the_paper_and_sgdp_keeps_the_norm(tmp_path):
@@ -62,3 +68,8 @@ def test_3d_toy_reproduces_the_page_radii(tmp_path):
     assert wd["derived"]["final_norm"] == pytest.approx(0.84, rel=0.03)
     assert alg1["derived"]["final_norm"] == pytest.approx(1.12, rel=0.03)
     assert {"test/psi", "test/phi"} <= set(gd["metrics"])
+    # the tables draw the page's figure from these runs: one panel per row that has a run
+    from projbench.tables import main
+
+    assert main(["--runs", str(tmp_path), "--table", "toy3d", "--out", str(tmp_path / "res")]) == 0
+    assert (tmp_path / "res" / "figures" / "toy3d.png").stat().st_size > 50_000
