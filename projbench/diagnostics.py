@@ -7,20 +7,26 @@ run takes (after a resume: the first step after it). Averaging over a set that c
 to step (the weights some optimizer happened to project at that step) would make the curves jump
 whenever a weight enters or leaves it.
 
+The unit measured is what is scale-invariant: each filter (row of the channel view: a conv or
+linear weight before BatchNorm) of a weight that passed in the channel view, the whole weight of
+one that passed in the layer view only (before GroupNorm(1) or LayerNorm). That is how the project
+page's ResNet18 figure averages: its mean norm starts near 1.25, the mean filter norm of a
+ResNet18 at Kaiming initialisation (a whole 3x3 conv weight has norm 11 to 23).
+
 Every `trainer.diagnostics_every` steps the loop logs (split "diag" of metrics.jsonl):
-  weight_norm         mean ||w|| over the fixed set
-  effective_step      mean ||w_{t+1}/||w_{t+1}|| - w_t/||w_t|| || over the fixed set: how far the
-                      direction of a weight moved in this step, the "effective step size" of the
-                      project page's ResNet18 figure (it starts near 0.003 there, with norms near
-                      1.3 at lr 0.1, where lr / ||w||^2 would be 0.06)
-  effective_lr        mean lr / ||w||^2 over the fixed set: the effective learning rate of a
+  weight_norm         mean ||w|| over the units
+  effective_step      mean ||w_{t+1}/||w_{t+1}|| - w_t/||w_t|| || over the units: how far the
+                      direction of a unit moved in this step, the "effective step size" of the
+                      page's figure (it starts near 0.003 there, with norms near 1.25 at lr 0.1,
+                      where lr / ||w||^2 would be 0.06)
+  effective_lr        mean lr / ||w||^2 over the units: the effective learning rate of a
                       scale-invariant weight under plain SGD
   projected_fraction  share of the elements of multi-dimensional weights projected at this step
                       (SGDP / AdamP: their own decision; other optimizers: the same test run on
                       the current gradients, so that runs compare alike)
 
-Means are over tensors, each weight counting once. The run's summary.json gets the fixed set's
-share of the model (`ScaleInvariance.summary`): how much of it SGDP / AdamP act on.
+The run's summary.json gets the fixed set's share of the model (`ScaleInvariance.summary`): how
+much of it SGDP / AdamP act on.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from projbench.optim.projection import Projector
+from projbench.optim.projection import Projector, row_view
 
 DELTA, EPS = 0.1, 1e-8  # the paper's defaults, for optimizers that have no projection of their own
 
@@ -101,6 +107,7 @@ class ScaleInvariance:
         self.optimizer = optimizer
         self.every = every
         self.weights: list[Tensor] | None = None
+        self.by_filter: list[bool] = []  # per weight: measured per filter (channel view) or whole
         self.detected_at: int | None = None
 
     @torch.no_grad()
@@ -115,18 +122,23 @@ class ScaleInvariance:
     def _fix(self, step: int) -> None:
         """Fix the set at this step: the weights passing the test on their gradients. Waits for
         a step whose gradients are all finite (fp16 runs start with a few that are not)."""
-        candidates, masks = [], []
+        candidates, channel, layer = [], [], []
         for group in self.optimizer.param_groups:
             if weights := _with_grads(group):
+                projector = Projector(weights, group.get("delta", DELTA), group.get("eps", EPS))
+                by_channel, by_layer = projector.views(weights, [p.grad for p in weights])
                 candidates += weights
-                masks.append(_test(group, weights))
+                channel.append(by_channel)
+                layer.append(by_layer)
         if not candidates:
             return
         finite = torch.stack([torch.isfinite(w.grad).all() for w in candidates]).all()
         if not bool(finite):
             return
-        passed = torch.cat(masks).tolist()
-        self.weights = [w for w, ok in zip(candidates, passed) if ok]
+        views = zip(candidates, torch.cat(channel).tolist(), torch.cat(layer).tolist())
+        chosen = [(w, by_channel) for w, by_channel, by_layer in views if by_channel or by_layer]
+        self.weights = [w for w, _ in chosen]
+        self.by_filter = [by_channel for _, by_channel in chosen]
         self.detected_at = step
 
     @torch.no_grad()
@@ -140,17 +152,25 @@ class ScaleInvariance:
             values["projected_fraction"] = fraction
         if self.weights:
             lr_of = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
-            after = [_measured(w) for w in self.weights]
-            norms = torch.stack(torch._foreach_norm(after)).clamp_min(1e-30)
-            before_norms = torch.stack(torch._foreach_norm(pending.before)).clamp_min(1e-30)
-            torch._foreach_div_(after, list(norms.unbind()))
-            torch._foreach_div_(pending.before, list(before_norms.unbind()))
-            torch._foreach_sub_(after, pending.before)
-            steps = torch.stack(torch._foreach_norm(after))
-            lrs = torch.tensor([float(lr_of[id(w)]) for w in self.weights], dtype=norms.dtype, device=norms.device)
-            values.update(weight_norm=norms.mean(), effective_step=steps.mean(), effective_lr=(lrs / norms.square()).mean())
+            norms, steps, lrs = [], [], []
+            for w, before, by_filter in zip(self.weights, pending.before, self.by_filter):
+                units = self._units(_measured(w), by_filter)
+                units_before = self._units(before, by_filter)
+                norm = units.norm(dim=1).clamp_min(1e-30)
+                unit_step = units / norm[:, None] - units_before / units_before.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                norms.append(norm)
+                steps.append(unit_step.norm(dim=1))
+                lrs.append(torch.full_like(norm, float(lr_of[id(w)])))
+            norm, lr = torch.cat(norms), torch.cat(lrs)
+            values.update(weight_norm=norm.mean(), effective_step=torch.cat(steps).mean(),
+                          effective_lr=(lr / norm.square()).mean())
         names = list(values)
         return dict(zip(names, torch.stack([v.double().cpu() for v in values.values()]).tolist()))
+
+    @staticmethod
+    def _units(w: Tensor, by_filter: bool) -> Tensor:
+        """The scale-invariant units of `w` as rows: its filters, or the whole weight as one."""
+        return row_view(w) if by_filter else w.reshape(1, -1)
 
     def summary(self) -> dict | None:
         """The fixed set's share of the trainable parameters, by parameter count and by tensor
