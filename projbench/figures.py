@@ -241,12 +241,18 @@ def _table_training_curves(result: TableResult, out_dir: Path) -> list[Path]:
 @register_table_figure("toy3d")
 def _table_toy3d(result: TableResult, out_dir: Path) -> list[Path]:
     """The project page's 3-D toy figure: one panel per row (the run of `figure.column`),
-    trajectory over the Rosenbrock contours and ||w|| per iteration, the page's final ||w|| marked."""
+    trajectory over the Rosenbrock contours and ||w|| per iteration, the page's final ||w|| marked
+    and, where `figure.page` names the page's digitised figure (results/toy3d_page.json) and
+    `figure.page_panels` a row's panel in it, the page's trajectory and r curve in grey."""
+    from projbench.tables import PAPER_YAML
     from projbench.tasks.toy import plot_toy3d_panels  # the toy's own plot
 
     spec = result.spec
     column = spec.figure.get("column")
-    panels = {row: (runs[0], spec.paper.get(row, {}).get(column))
+    page_file = PAPER_YAML.parent / spec.figure["page"] if spec.figure.get("page") else None
+    page = json.loads(page_file.read_text())["panels"] if page_file and page_file.is_file() else {}
+    page_of = spec.figure.get("page_panels") or {}
+    panels = {row: (runs[0], spec.paper.get(row, {}).get(column), page.get(page_of.get(row)))
               for row, runs in row_runs(result, column).items()}
     if not panels:
         return []

@@ -184,8 +184,9 @@ def plot_toy_runs(runs: dict[str, list[dict]], path: Path) -> Path:
 
 def plot_toy3d_panels(panels: dict, path: Path, title: str) -> Path:
     """The project page's 3-D toy figure: per panel (title -> (run, the page's final ||w|| or
-    None)), the trajectory in (psi, phi) over the contours of the run's Rosenbrock function, and
-    below it r = ||w|| per iteration with the page's final value dotted."""
+    None, the page's digitised panel or None)), the trajectory in (psi, phi) over the contours of
+    the run's Rosenbrock function, and below it r = ||w|| per iteration with the page's final
+    value dotted; the page's own trajectory and r curve in grey where given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,7 +198,7 @@ def plot_toy3d_panels(panels: dict, path: Path, title: str) -> Path:
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 6.6), squeeze=False,
                              gridspec_kw={"height_ratios": [3, 1]})
     grid_psi, grid_phi = np.meshgrid(np.linspace(-2, 2, 300), np.linspace(-1, 3, 300))
-    for (name, (run, paper_r)), ax, ax_r in zip(panels.items(), axes[0], axes[1]):
+    for (name, (run, paper_r, page)), ax, ax_r in zip(panels.items(), axes[0], axes[1]):
         history = read_history(run.run_dir)
         b = float(run.get("task.rosenbrock_b") or 300.0)
         levels = np.arange(100.0, rosenbrock(-2.0, -1.0, b), 100.0)  # the page's: every 100
@@ -206,7 +207,13 @@ def plot_toy3d_panels(panels: dict, path: Path, title: str) -> Path:
         start = list(run.get("task.start") or [])
         _, psi = _series(history, "psi")
         _, phi = _series(history, "phi")
-        ax.plot(start[:1] + psi, start[1:2] + phi, "r-x", lw=1, ms=3)
+        if page:
+            page_traj, page_r = np.array(page["trajectory"]), np.array(page["r"])
+            ax.plot(page_traj[:, 0], page_traj[:, 1], "-", color="0.45", lw=1, label="page")
+            ax_r.plot(page_r[:, 0], page_r[:, 1], "-", color="0.6", lw=1.2)
+        ax.plot(start[:1] + psi, start[1:2] + phi, "r-x", lw=1, ms=3, label="ours")
+        if page:
+            ax.legend(fontsize=8, loc="upper right")
         ax.plot([1], [1], "D", color="green", ms=5)
         ax.set(xlim=(-2, 2), ylim=(-1, 3), xlabel="ψ", ylabel="φ", title=name)
         steps, norms = _series(history, "w_norm")
