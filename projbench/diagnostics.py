@@ -3,9 +3,10 @@
 The weights measured are a fixed set: the multi-dimensional weights that pass the paper's
 scale-invariance test (projbench.optim.projection: channel view, then layer view, on the gradient
 and the weight, with the optimizer's delta and eps or the paper's defaults) at the first step the
-run takes (after a resume: the first step after it). Averaging over a set that changes from step
-to step (the weights some optimizer happened to project at that step) would make the curves jump
-whenever a weight enters or leaves it.
+run takes (after a resume: the first step after it); a weight without a gradient then (frozen, or
+in a branch not yet used) is classified at the first diagnostics step that has one. Averaging over
+a set that changes from step to step (the weights some optimizer happened to project at that
+step) would make the curves jump whenever a weight enters or leaves it.
 
 The unit measured is what is scale-invariant: each filter (row of the channel view: a conv or
 linear weight before BatchNorm) of a weight that passed in the channel view, the whole weight of
@@ -94,64 +95,71 @@ def _measured(w: Tensor) -> Tensor:
 class ScaleInvariance:
     """The fixed set of scale-invariant weights of one run, and the figure's quantities over it.
 
-        monitor = ScaleInvariance(optimizer, every=cfg.trainer.diagnostics_every)
-        pending = monitor.before_step(step + 1)   # before optimizer.step()
+        monitor = ScaleInvariance(every=cfg.trainer.diagnostics_every)
+        pending = monitor.before_step(optimizer, step + 1)   # before optimizer.step()
         optimizer.step()
-        values = monitor.after_step(pending)      # {} on steps without diagnostics
+        values = monitor.after_step(optimizer, pending)      # {} on steps without diagnostics
 
-    Only diagnostics steps read values on the host (plus one read at the first step, which fixes
-    the set).
+    Each multi-dimensional weight is classified once, at the first step that has its gradient (a
+    weight frozen at first, or in a branch not yet used, joins when it gets one): that is the
+    first step, and after it the diagnostics steps. The optimizer is passed at each call because a
+    run may change it (trainer.phases). Only the first step and diagnostics steps read values on
+    the host.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, every: int | None):
-        self.optimizer = optimizer
+    def __init__(self, every: int | None):
         self.every = every
-        self.weights: list[Tensor] | None = None
+        self.weights: list[Tensor] = []
         self.by_filter: list[bool] = []  # per weight: measured per filter (channel view) or whole
         self.detected_at: int | None = None
+        self._undecided: dict[int, Tensor] | None = None  # multi-dimensional weights not yet classified
+        self._counts = (0, 0)  # trainable tensors and parameters, for the shares
 
     @torch.no_grad()
-    def before_step(self, step: int) -> _Pending | None:
+    def before_step(self, optimizer: torch.optim.Optimizer, step: int) -> _Pending | None:
         """Call before `optimizer.step()`, with the number the step will have (1-based)."""
-        if self.weights is None:
-            self._fix(step)
-        if not (self.every and step % self.every == 0):
+        due = bool(self.every) and step % self.every == 0
+        if self._undecided is None:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+            self._counts = (len(params), sum(p.numel() for p in params))
+            self._undecided = {id(p): p for p in params if p.dim() > 1}
+        if self._undecided and (due or self.detected_at is None):
+            self._classify(optimizer, step)
+        if not due:
             return None
-        return _Pending([_measured(w) for w in self.weights or []], detect(self.optimizer))
+        return _Pending([_measured(w) for w in self.weights], detect(optimizer))
 
-    def _fix(self, step: int) -> None:
-        """Fix the set at this step: the weights passing the test on their gradients. Waits for
-        a step whose gradients are all finite (fp16 runs start with a few that are not)."""
-        candidates, channel, layer = [], [], []
-        for group in self.optimizer.param_groups:
-            if weights := _with_grads(group):
-                projector = Projector(weights, group.get("delta", DELTA), group.get("eps", EPS))
-                by_channel, by_layer = projector.views(weights, [p.grad for p in weights])
-                candidates += weights
-                channel.append(by_channel)
-                layer.append(by_layer)
-        if not candidates:
-            return
-        finite = torch.stack([torch.isfinite(w.grad).all() for w in candidates]).all()
-        if not bool(finite):
-            return
-        views = zip(candidates, torch.cat(channel).tolist(), torch.cat(layer).tolist())
-        chosen = [(w, by_channel) for w, by_channel, by_layer in views if by_channel or by_layer]
-        self.weights = [w for w, _ in chosen]
-        self.by_filter = [by_channel for _, by_channel in chosen]
-        self.detected_at = step
+    def _classify(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Classify the undecided weights that have a finite gradient at this step (fp16 runs
+        start with a few steps whose gradients are not)."""
+        for group in optimizer.param_groups:
+            weights = [p for p in group["params"] if id(p) in self._undecided and p.grad is not None]
+            if not weights:
+                continue
+            projector = Projector(weights, group.get("delta", DELTA), group.get("eps", EPS))
+            by_channel, by_layer = projector.views(weights, [p.grad for p in weights])
+            finite = torch.stack([torch.isfinite(p.grad).all() for p in weights])
+            for w, ok, channel, layer in zip(weights, finite.tolist(), by_channel.tolist(), by_layer.tolist()):
+                if not ok:
+                    continue
+                del self._undecided[id(w)]
+                if channel or layer:
+                    self.weights.append(w)
+                    self.by_filter.append(channel)
+                if self.detected_at is None:
+                    self.detected_at = step
 
     @torch.no_grad()
-    def after_step(self, pending: _Pending | None) -> dict[str, float]:
+    def after_step(self, optimizer: torch.optim.Optimizer, pending: _Pending | None) -> dict[str, float]:
         """Call after `optimizer.step()`: the figure's quantities at this step ({} if none due)."""
         if pending is None:
             return {}
         values = {}
-        fraction = _projected_fraction(self.optimizer, pending.detected)
+        fraction = _projected_fraction(optimizer, pending.detected)
         if fraction is not None:
             values["projected_fraction"] = fraction
         if self.weights:
-            lr_of = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
+            lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
             norms, steps, lrs = [], [], []
             for w, before, by_filter in zip(self.weights, pending.before, self.by_filter):
                 units = self._units(_measured(w), by_filter)
@@ -173,12 +181,11 @@ class ScaleInvariance:
         return row_view(w) if by_filter else w.reshape(1, -1)
 
     def summary(self) -> dict | None:
-        """The fixed set's share of the trainable parameters, by parameter count and by tensor
-        count (None until the set is fixed)."""
-        if self.weights is None:
+        """The scale-invariant weights' share of the trainable parameters, by parameter count and
+        by tensor count (None before any weight was classified)."""
+        if self.detected_at is None:
             return None
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
-        n_all = sum(p.numel() for p in params)
+        n_tensors, n_params = self._counts
         n_si = sum(w.numel() for w in self.weights)
-        return {"tensors": len(self.weights), "tensors_share": len(self.weights) / max(len(params), 1),
-                "params": n_si, "params_share": n_si / max(n_all, 1), "detected_at_step": self.detected_at}
+        return {"tensors": len(self.weights), "tensors_share": len(self.weights) / max(n_tensors, 1),
+                "params": n_si, "params_share": n_si / max(n_params, 1), "detected_at_step": self.detected_at}

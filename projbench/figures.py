@@ -215,7 +215,7 @@ def row_runs(result: TableResult, column: str | None = None) -> dict[str, list[R
         runs: dict[str, Run] = {}
         for col in result.spec.columns:
             if column is None or col.name == column:
-                runs.update((run.id, run) for run in result.cells[(row.name, col.name)].runs)
+                runs.update((run.id, run) for run in result.cells[(row.name, col.name)].runs.values())
         if runs:
             out[row.name] = list(runs.values())
     return out

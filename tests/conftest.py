@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = str(ROOT / "conf")
@@ -21,6 +23,17 @@ FAST = ["logger=none", "trainer.progress=false", "task.data.image_size=16", "tas
 def make_cfg(overrides: list[str]):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
+
+
+def sweep_cells(experiment: str, *overrides: str) -> list:
+    """Every job config of `-m +experiment=<experiment> OVERRIDES`: the product of the
+    experiment's hydra.sweeper.params (an override of a swept key does not narrow the sweep)."""
+    base = [f"+experiment={experiment}", *overrides]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        primary = compose(config_name="config", overrides=base, return_hydra_config=True)
+        params = OmegaConf.to_container(primary.hydra.sweeper.params, resolve=True)
+        choices = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
+        return [compose(config_name="config", overrides=[*base, *cell]) for cell in itertools.product(*choices)]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None, runner=None):

@@ -139,7 +139,7 @@ def test_diagnostics_measure_a_fixed_set_of_scale_invariant_weights(optim, make_
     torch.manual_seed(0)
     net = make_net()
     opt = build_optimizer(make_cfg([f"optim={optim}", "optim.weight_decay=0.01"]).optim, net)
-    monitor = diagnostics.ScaleInvariance(opt, every=2)
+    monitor = diagnostics.ScaleInvariance(every=2)
     weights = [net[0].weight, net[4].weight]
     for step in range(1, 5):
         x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
@@ -150,9 +150,9 @@ def test_diagnostics_measure_a_fixed_set_of_scale_invariant_weights(optim, make_
             assert rows[0] == conv_units, "a conv before BatchNorm: each filter; before GroupNorm(1): the whole"
             first = rows
         before = [w.detach().clone() for w in weights]
-        pending = monitor.before_step(step)
+        pending = monitor.before_step(opt, step)
         opt.step()
-        values = monitor.after_step(pending)
+        values = monitor.after_step(opt, pending)
         assert [any(w is v for v in monitor.weights) for w in weights] == [r is not None for r in first]  # fixed
         if step % 2:
             assert values == {}
@@ -193,10 +193,13 @@ def test_no_decay_bias_norm_groups():
 @pytest.mark.parametrize("switches", [
     ["trainer.channels_last=true", "trainer.grad_clip=1.0", "optim=adamp", "optim.compiled=true"],
     # Reduced precision on a CPU without native bf16/fp16 kernels is slow (seconds a step at batch
-    # 64 on AVX2), hence the small batch.
-    ["trainer.precision=bf16", "trainer.grad_clip=1.0", "optim=adamp", "task.data.batch_size=8"],
+    # 64 on AVX2), hence the small batch. 32x32 images: at FAST's 16x16 the last stage's convolutions
+    # see 1x1 maps, where torch's CPU bf16 conv weight gradient is not deterministic (seen here: the
+    # same backward gives different gradients call to call, now and then a NaN loss by step 3).
+    ["trainer.precision=bf16", "trainer.grad_clip=1.0", "optim=adamp", "task.data.batch_size=8",
+     "task.data.image_size=32"],
     ["trainer.precision=fp16", "optim=sgdp", "trainer.schedule.name=step", "trainer.schedule.step_size=1",
-     "task.data.batch_size=8"],
+     "task.data.batch_size=8", "task.data.image_size=32"],
 ])
 def test_loop_switches_run(tmp_path, switches):
     with warnings.catch_warnings(record=True) as caught:
