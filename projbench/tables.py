@@ -917,8 +917,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.figures:
         from projbench.figures import write_figures, write_table_figures
 
-        plotted = {run.id: run for result in results for run in result.runs} if args.table else \
-            {run.id: run for run in runs}
+        # with --table, the tables' runs; a table that names its own figure gets that one instead
+        plotted = {run.id: run for result in results if not result.spec.figure for run in result.runs} \
+            if args.table else {run.id: run for run in runs}
         paths = write_figures([r for r in plotted.values() if r.run_dir is not None], out / "figures")
         for path in paths + write_table_figures(results, out / "figures"):
             info(f"wrote {path}")
