@@ -12,7 +12,7 @@ The unit measured is what is scale-invariant: each filter (row of the channel vi
 linear weight before BatchNorm) of a weight that passed in the channel view, the whole weight of
 one that passed in the layer view only (before GroupNorm(1) or LayerNorm). That is how the project
 page's ResNet18 figure averages: its mean norm starts near 1.25, the mean filter norm of a
-ResNet18 at Kaiming initialisation (a whole 3x3 conv weight has norm 11 to 23).
+ResNet18 at Kaiming initialisation (whole conv weights have norms an order of magnitude larger).
 
 Every `trainer.diagnostics_every` steps the loop logs (split "diag" of metrics.jsonl):
   weight_norm         mean ||w|| over the units
