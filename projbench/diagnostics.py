@@ -4,9 +4,10 @@ The weights measured are a fixed set: the multi-dimensional weights that pass th
 scale-invariance test (projbench.optim.projection: channel view, then layer view, on the gradient
 and the weight, with the optimizer's delta and eps or the paper's defaults) at the first step the
 run takes (after a resume: the first step after it); a weight without a gradient then (frozen, or
-in a branch not yet used) is classified at the first diagnostics step that has one. Averaging over
-a set that changes from step to step (the weights some optimizer happened to project at that
-step) would make the curves jump whenever a weight enters or leaves it.
+in a branch not yet used), or whose value or gradient is all zero, is classified at the first
+diagnostics step where it has both. Averaging over a set that changes from step to step (the
+weights some optimizer happened to project at that step) would make the curves jump whenever a
+weight enters or leaves it.
 
 The unit measured is what is scale-invariant: each filter (row of the channel view: a conv or
 linear weight before BatchNorm) of a weight that passed in the channel view, the whole weight of
@@ -130,16 +131,21 @@ class ScaleInvariance:
         return _Pending([_measured(w) for w in self.weights], detect(optimizer))
 
     def _classify(self, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """Classify the undecided weights that have a finite gradient at this step (fp16 runs
-        start with a few steps whose gradients are not)."""
+        """Classify the undecided weights that have a finite, non-zero gradient and a non-zero
+        value at this step. fp16 runs start with a few steps whose gradients are not finite; and
+        the test passes trivially on an all-zero weight (a zero-initialised offset convolution) or
+        gradient (a detector head whose anchors matched nothing in this batch): cos(g, w) is 0
+        there, which says nothing about scale invariance, so such a weight waits for a step that
+        tells."""
         for group in optimizer.param_groups:
             weights = [p for p in group["params"] if id(p) in self._undecided and p.grad is not None]
             if not weights:
                 continue
             projector = Projector(weights, group.get("delta", DELTA), group.get("eps", EPS))
             by_channel, by_layer = projector.views(weights, [p.grad for p in weights])
-            finite = torch.stack([torch.isfinite(p.grad).all() for p in weights])
-            for w, ok, channel, layer in zip(weights, finite.tolist(), by_channel.tolist(), by_layer.tolist()):
+            informative = torch.stack([torch.isfinite(p.grad).all() & p.grad.ne(0).any() & p.ne(0).any()
+                                       for p in weights])
+            for w, ok, channel, layer in zip(weights, informative.tolist(), by_channel.tolist(), by_layer.tolist()):
                 if not ok:
                     continue
                 del self._undecided[id(w)]

@@ -177,6 +177,31 @@ def test_diagnostics_measure_a_fixed_set_of_scale_invariant_weights(optim, make_
                                  "detected_at_step": 1}
 
 
+def test_all_zero_weights_and_gradients_wait_to_be_classified():
+    """cos(g, w) is 0 for an all-zero weight (a zero-initialised offset conv) or an all-zero
+    gradient (an unused head), so the test would pass trivially: such weights are classified
+    only at a diagnostics step where both are non-zero."""
+    torch.manual_seed(0)
+    net = _bn_net()
+    residual = torch.nn.Linear(4, 4, bias=False)   # zero-initialised, on a residual branch: it gets a gradient
+    unused = torch.nn.Linear(4, 4, bias=False)     # never used: its gradient stays zero
+    torch.nn.init.zeros_(residual.weight)
+    opt = build_optimizer(make_cfg(["optim=sgd"]).optim, torch.nn.ModuleList([net, residual, unused]))
+    monitor = diagnostics.ScaleInvariance(every=2)
+    for step in (1, 2):
+        opt.zero_grad()
+        logits = net(torch.randn(8, 3, 8, 8))
+        torch.nn.functional.cross_entropy(logits + residual(logits), torch.randint(0, 4, (8,))).backward()
+        unused.weight.grad = torch.zeros_like(unused.weight)
+        pending = monitor.before_step(opt, step)
+        opt.step()
+        monitor.after_step(opt, pending)
+        assert [w is net[0].weight for w in monitor.weights] == [True]
+        waiting = {id(w) for w in monitor._undecided.values()}
+        # step 1: the zero weight waits; step 2: it has moved and is classified (not invariant)
+        assert waiting == ({id(residual.weight), id(unused.weight)} if step == 1 else {id(unused.weight)})
+
+
 def test_no_decay_bias_norm_groups():
     net = _bn_net()
     cfg = make_cfg(["optim=adamw", "optim.no_decay_bias_norm=true"]).optim
