@@ -10,6 +10,7 @@ import os
 
 import adamp
 import pytest
+import timm.optim
 import torch
 from test_optim import CL, INVARIANT_VIEW, backward, make_net, max_diff, official_view
 
@@ -35,17 +36,22 @@ def _forbid_eager(*args, **kwargs):
     raise AssertionError("the eager step ran where the multi-tensor step should have")
 
 
+# The official forms against adamp 0.3.0; SGDP's Algorithm 1 form (project_buffer=False) against
+# timm's SGDP, as in tests/test_optim.py.
 CASES = [(SGDP, adamp.SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
          (SGDP, adamp.SGDP, dict(lr=0.1, momentum=0.9, dampening=0.3, nesterov=True, weight_decay=1e-2)),
+         (SGDP, timm.optim.SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
          (AdamP, adamp.AdamP, dict(lr=1e-2, nesterov=True, weight_decay=1e-2))]
 
 
-@pytest.mark.parametrize("cls, official_cls, kw", CASES, ids=["SGDP", "SGDP-nesterov-dampening", "AdamP-nesterov"])
+@pytest.mark.parametrize("cls, official_cls, kw", CASES,
+                         ids=["SGDP", "SGDP-nesterov-dampening", "SGDP-alg1", "AdamP-nesterov"])
 def test_triton_kernels_match_the_official_code(cls, official_cls, kw, monkeypatch):
     monkeypatch.setattr(optim_base.ProjectedOptimizer, "_apply", _forbid_eager)
     model = make_net()
     ref = copy.deepcopy(model)
-    opt, ref_opt = cls(model.parameters(), fused=True, **kw), official_cls(ref.parameters(), **kw)
+    form = dict(project_buffer=False) if official_cls is timm.optim.SGDP else {}
+    opt, ref_opt = cls(model.parameters(), fused=True, **form, **kw), official_cls(ref.parameters(), **kw)
     multi = [n for n, p in model.named_parameters() if p.dim() > 1]
     for step in range(2):
         for m, o in ((model, opt), (ref, ref_opt)):
