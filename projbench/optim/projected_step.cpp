@@ -11,8 +11,8 @@
 //      write the projected, decayed step `w <- w * (d + s * c) - s * u` (or, for the official SGDP
 //      without Nesterov, project the momentum buffer in place first).
 // Both passes of a weight run back to back on one thread, so the second reads from cache what the
-// first brought in; weights are shared out largest first. A weight larger than its fair share of
-// the group is instead split by rows over all threads (each thread keeps its rows for pass 2).
+// first brought in; weights are shared out largest first. A weight larger than a thread's fair
+// share of the group is instead split by rows over all threads (each keeps its rows for pass 2).
 // 1-D parameters (never projected) take one pass: moments, decay, step.
 //
 // Arithmetic is in the compute type (float for float / bfloat16 / float16 weights, double for
@@ -283,15 +283,17 @@ void run(const Hyper& h, Param* params, int64_t n, uint8_t* projected) {
   }
   std::vector<RowStats> stats(offset[n]);
   std::vector<Decision> decisions(n);
-  // Largest first (dynamic scheduling then balances the threads); parameters larger than a fair
-  // share of the work are split over all threads instead.
+  // Largest first (dynamic scheduling then balances the threads); a parameter larger than a
+  // thread's fair share of the work (an embedding, a huge Linear) is split over all threads
+  // instead. Splitting costs a barrier per pass, which a loaded machine makes expensive (a thread
+  // that is not running holds up the others), so it is kept for weights that need it.
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
     return params[a].rows * params[a].cols > params[b].rows * params[b].cols;
   });
   const int threads = std::max<int32_t>(h.threads, 1);
-  const int64_t share = threads > 1 ? std::max<int64_t>(total / (4 * threads), int64_t(1) << 16) : INT64_MAX;
+  const int64_t share = threads > 1 ? std::max<int64_t>(total / threads, int64_t(1) << 16) : INT64_MAX;
   int64_t n_split = 0;
   while (n_split < n && params[order[n_split]].rows * params[order[n_split]].cols > share) ++n_split;
 
