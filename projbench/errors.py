@@ -38,3 +38,8 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, step: int, value: float):
         super().__init__(f"loss became {value} at step {step}; the run is stopped (summary.json: status failed)")
         self.step = step
+
+
+class StorageError(RuntimeError):
+    """A run's records could not be written (a full disk, a vanished mount): the run stops with
+    one line and `status: failed`; what was written before is kept."""

@@ -12,9 +12,7 @@ checkpoints.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,18 +32,20 @@ from projbench.distributed import DistInfo, barrier, broadcast_object, init_dist
 from projbench.errors import ConfigError, NonFiniteLossError
 from projbench.optim import build_optimizer
 from projbench.optim.factory import check_optim_config
-from projbench.records import RunRecorder
+from projbench.records import LossWindow, RunRecorder, read_summary
+from projbench.rundir import SUMMARY, Plan, RunDirectory, open_run, write_checkpoint
 from projbench.schedules import build_scheduler, validate_schedule
 from projbench.tasks.base import Task
+from projbench.validation import check_loop_config
 
 log = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-CHECKPOINT = "checkpoint.pt"
 
 
 def validate_config(cfg: DictConfig) -> None:
     """Fail before anything is built, naming the key at fault."""
+    check_loop_config(cfg)  # types, nulls and finite numbers of the keys the loop reads
     tr = cfg.trainer
     if str(tr.precision) not in AUTOCAST_DTYPES:
         raise ConfigError("trainer.precision", f"got {tr.precision!r}; choose one of {sorted(AUTOCAST_DTYPES)}")
@@ -134,6 +134,8 @@ class Trainer:
     total_steps: int
     recorder: RunRecorder
     step: int = 0
+    rundir: RunDirectory | None = None  # holds the directory's lock while the run lives
+    loss_window: LossWindow | None = None
 
     @property
     def epoch(self) -> float:
@@ -151,11 +153,9 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": _rng_state(),
             "wall_seconds": self.recorder.wall_seconds(),
+            "loss_window": self.loss_window.state_dict(),
         }
-        path = self.run_dir / CHECKPOINT
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+        write_checkpoint(state, self.rundir.checkpoint)  # atomic; a full disk keeps the previous one
 
     def load_checkpoint(self, state: dict) -> int:
         """Restore everything `save_checkpoint` wrote (`state`: the loaded checkpoint)."""
@@ -165,6 +165,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         self.recorder.wall_offset = float(state["wall_seconds"])
+        if "loss_window" in state:
+            self.loss_window.load_state_dict(state["loss_window"])
         self.step = int(state["step"])
         return self.step
 
@@ -211,8 +213,7 @@ class Trainer:
         eval_every = tr.eval_every or self.steps_per_epoch
         batch_size = int(self.cfg.task.data.batch_size)
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        losses_in_window, window_start = 0, time.perf_counter()
+        window = self.loss_window
         bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True, desc=self.task.name,
                    disable=not (self.dist.is_main and tr.progress))
         self.train_model.train()
@@ -232,8 +233,7 @@ class Trainer:
             self.step += 1
             loss = loss.detach().float()
             bad_step = torch.where(torch.isfinite(loss) | (bad_step >= 0), bad_step, self.step)
-            loss_sum += loss
-            losses_in_window += 1
+            window.add(loss)
 
             if diag_due:
                 values = diagnostics.scale_invariance(self.optimizer, detected)
@@ -247,22 +247,19 @@ class Trainer:
                 self.scheduler.step()
 
             last = self.step == self.total_steps
-            if self.step % tr.log_every == 0 or last:
-                self._check_finite(bad_step, loss_sum)
-                elapsed = time.perf_counter() - window_start
-                values = {"loss": loss_sum.item() / losses_in_window,
-                          "lr": self.optimizer.param_groups[0]["lr"],
-                          "samples_per_s": losses_in_window * batch_size / max(elapsed, 1e-9)}
+            if _due(self.step, tr.log_every) or last:
+                self._check_finite(bad_step, window.total)
+                mean_loss, samples_per_s = window.take(batch_size)
+                values = {"loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
+                          "samples_per_s": samples_per_s}
                 self.recorder.log("train", values, self.step, self.epoch)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}",
                                 sps=f"{values['samples_per_s']:.0f}")
-                loss_sum.zero_()
-                losses_in_window, window_start = 0, time.perf_counter()
             bar.update(1)
             if self.step % eval_every == 0 or last:
                 self.evaluate()
-            if self.step % tr.ckpt_every == 0 or last:
-                self._check_finite(bad_step, loss_sum)
+            if _due(self.step, tr.ckpt_every) or last:
+                self._check_finite(bad_step, window.total)
                 self.save_checkpoint()
         bar.close()
         return self.recorder.final
@@ -271,6 +268,11 @@ class Trainer:
         step = int(bad_step.item())
         if step >= 0:
             raise NonFiniteLossError(step, float(loss_sum.item()))
+
+
+def _due(step: int, every: int | None) -> bool:
+    """Whether a periodic action (`every` steps; null: never) falls on `step`."""
+    return bool(every) and step % every == 0
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
@@ -285,6 +287,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     # Every torchrun rank resolves ${now:...} itself; all ranks use rank 0's run directory so that
     # checkpoints (resume=true) and fixtures are found in one place.
     run_dir = Path(broadcast_object(str(run_dir)))
+    # The directory is locked and checked (fresh run, resume, or a refusal) before anything is
+    # built or written; it is released when the run ends, or here if building fails.
+    rundir, plan = open_run(run_dir, cfg, dist, device)
+    try:
+        return _build(cfg, run_dir, dist, device, rundir, plan)
+    except BaseException:
+        rundir.release()
+        raise
+
+
+def _build(cfg: DictConfig, run_dir: Path, dist: DistInfo, device: torch.device, rundir: RunDirectory,
+           plan: Plan) -> Trainer:
+    tr = cfg.trainer
     global_batch = int(cfg.task.data.batch_size)
     if global_batch % dist.world_size:
         raise ConfigError("task.data.batch_size",
@@ -319,17 +334,20 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     if tr.compile:
         train_model = torch.compile(train_model)
 
-    ckpt = run_dir / CHECKPOINT
-    if cfg.resume and not ckpt.exists():
-        raise ConfigError("resume", f"no checkpoint at {ckpt}; pass hydra.run.dir=<the run's directory>")
-    state = torch.load(ckpt, map_location=device, weights_only=True) if cfg.resume else None
-    resume_step = int(state["step"]) if state is not None else None
+    if plan.kind == "resume" and total <= plan.step:
+        key = "trainer.max_steps" if tr.max_steps is not None else "trainer.max_epochs"
+        raise ConfigError(key, f"the run to resume is at step {plan.step} of {total}: nothing is left to train "
+                               f"(raise {key} to train it further)")
+    if dist.is_main:
+        rundir.start(cfg, plan)  # the checks passed: only now is anything written
+    resume_step = plan.step if plan.kind == "resume" else None
     recorder = RunRecorder(run_dir, cfg, task.metrics, enabled=dist.is_main, resume_step=resume_step)
     trainer = Trainer(cfg, run_dir, dist, device, task, model, train_model, optimizer, scheduler, scaler,
-                      train_loader, eval_loaders, steps_per_epoch, total, recorder)
-    if state is not None:
-        trainer.load_checkpoint(state)
-        log.info("resumed from %s at step %d", ckpt, trainer.step)
+                      train_loader, eval_loaders, steps_per_epoch, total, recorder, rundir=rundir,
+                      loss_window=LossWindow(device))
+    if plan.state is not None:
+        trainer.load_checkpoint(plan.state)
+        log.info("resumed from %s at step %d", rundir.checkpoint, trainer.step)
     barrier()
     return trainer
 
@@ -337,15 +355,26 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Run one (task, optim, seed) cell; returns (and writes) its summary."""
     trainer = build_trainer(cfg, run_dir)
+    try:
+        return _run(trainer)
+    finally:
+        trainer.rundir.release()
+
+
+def _run(trainer: Trainer) -> dict:
     n_params = sum(p.numel() for p in trainer.model.parameters())
     common = dict(device=str(trainer.device), world_size=trainer.dist.world_size, model=trainer.task.model_name())
     extra = {"params": n_params, "primary_metric": next(iter(trainer.task.metrics), None)}
+    extra["resumes"] = _resume_history(trainer)
     trainer.recorder.write_summary(status="running", steps=trainer.step, epoch=trainer.epoch, extra=extra, **common)
     try:
         trainer.fit()
     except BaseException as exc:
-        trainer.recorder.write_summary(status="failed", steps=trainer.step, epoch=trainer.epoch,
-                                       extra=extra, error=str(exc) or type(exc).__name__, **common)
+        try:
+            trainer.recorder.write_summary(status="failed", steps=trainer.step, epoch=trainer.epoch,
+                                           extra=extra, error=str(exc) or type(exc).__name__, **common)
+        except Exception as record_exc:  # noqa: BLE001 - e.g. a full disk: the original error matters more
+            log.error("could not record the failure in summary.json: %s", record_exc)
         raise
     if trainer.dist.is_main:
         history = trainer.recorder.history()
@@ -353,3 +382,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         extra["figures"] = [str(p) for p in trainer.task.write_figures(history, trainer.run_dir)]
     return trainer.recorder.write_summary(status="completed", steps=trainer.step, epoch=trainer.epoch,
                                           extra=extra, **common)
+
+
+def _resume_history(trainer: Trainer) -> list[dict]:
+    """The run's earlier resumes (from summary.json) and this one: the step it continued from and
+    the keys that changed (old, new)."""
+    previous = read_summary(trainer.run_dir / SUMMARY) if trainer.step else None
+    history = list((previous or {}).get("resumes") or [])
+    if trainer.step:
+        changed = {k: [old, new] for k, (old, new) in trainer.rundir.changed.items()}
+        history.append({"step": trainer.step, "changed": changed})
+    return history

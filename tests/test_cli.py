@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 
-from conftest import FAST, read_summary, run_cli
+import pytest
+
+from conftest import FAST, make_cfg, read_summary, run_cli
 
 
 def test_help_and_cfg_job_show_groups(tmp_path):
@@ -20,8 +23,33 @@ def test_help_and_cfg_job_show_groups(tmp_path):
 
 def test_unknown_optimizer_lists_valid_ones(tmp_path):
     out = run_cli(["optim=lamb"], tmp_path)
-    assert out.returncode != 0
-    assert "adamp" in out.stderr and "sgdp" in out.stderr
+    assert out.returncode == 2
+    assert out.stderr == "error: optim=lamb: no such config; choose one of adam, adamp, adamw, sgd, sgdp\n"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=abc", "optim.lr: must be a number like its default 0.1, got 'abc'"),
+    ("seed=1.5", "seed: must be an integer like its default 0, got 1.5"),
+    ("seed=abc", "seed: must be an integer like its default 0, got 'abc'"),
+    ("resume=maybe", "resume: must be true or false like its default false, got 'maybe'"),
+    ("optim.lr=nan", "optim.lr: must be a finite number, got nan"),
+    ("task.data.image_size=null", "task.data.image_size: must not be null (its default is 32)"),
+    ("trainer.foo=1", "trainer.foo: Key 'foo' is not in struct; To append to your config use +trainer.foo=1"),
+    ("optim.lr=[1", "optim.lr=[1: no viable alternative at input '[1'"),
+])
+def test_wrong_types_unknown_keys_and_hydra_errors_are_one_line_with_exit_2(tmp_path, override, message):
+    out = run_cli([override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert (out.returncode, out.stderr) == (2, f"error: {message}\n")
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_an_unwritable_run_directory_is_one_line_and_full_error_shows_the_traceback(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    args = [f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"]
+    out = run_cli(args, tmp_path)
+    assert (out.returncode, out.stderr) == (2, f"error: {tmp_path / 'a_file' / 'run'}: Not a directory\n")
+    traced = run_cli(["optim.lr=abc"], tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert traced.returncode != 0 and "Traceback" in traced.stderr and "ConfigError" in traced.stderr
 
 
 def test_bad_values_fail_fast_with_exit_2_and_no_traceback(tmp_path):
@@ -60,7 +88,7 @@ def test_nan_loss_stops_the_run_and_marks_it_failed(tmp_path):
     out = run_cli(FAST + ["optim=sgd", "optim.lr=1e12", "trainer.max_steps=30", "trainer.log_every=5",
                           f"hydra.run.dir={run_dir}"], tmp_path)
     assert out.returncode == 1
-    assert "at step" in out.stderr
+    assert "at step" in out.stderr and "Traceback" not in out.stderr
     summary = read_summary(run_dir)
     assert summary["status"] == "failed" and "at step" in summary["error"]
     assert summary["steps"] < 30
@@ -76,6 +104,24 @@ def test_wandb_offline_run_is_written_under_the_run_dir(tmp_path):
     assert offline, list(run_dir.rglob("*"))
     assert "W&B" not in out.stderr, out.stderr[-2000:]  # it started, logged and finished cleanly
     assert read_summary(run_dir)["status"] == "completed"
+
+
+def test_wandb_with_a_key_and_no_network_starts_within_its_timeout_and_logs_offline(tmp_path, monkeypatch):
+    from projbench.records import WandbLogger
+
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = make_cfg(["logger=wandb", "logger.mode=online", "logger.init_timeout=3"])
+    start = time.perf_counter()
+    with pytest.warns(UserWarning, match="could not start online within logger.init_timeout=3 s .* logging offline"):
+        logger = WandbLogger(cfg.logger, cfg, tmp_path, "run-id")
+    assert time.perf_counter() - start < 30  # W&B's own default waits 90 s
+    assert logger.run is not None and logger.run.settings.mode == "offline"
+    logger.log({"train/loss": 1.0}, step=1)
+    logger.finish({"status": "completed"})
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
 def test_data_error_from_a_loader_worker_keeps_its_one_line_message():

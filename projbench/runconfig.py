@@ -1,0 +1,118 @@
+"""Which keys of a run's config define what it trains, and how two configs of one run differ.
+
+A run directory holds one training. Its resolved config has three kinds of key:
+
+- training keys (everything not listed below): what is trained. A resume refuses any change to
+  them, and they (with the length keys) are the run's identity.
+- LENGTH_KEYS: how long it trains. `resume=true` may change them (more steps, more epochs).
+- OBSERVE_KEYS: how the run is watched, stored or executed (logging, checkpoints, paths, loader
+  workers, device, compilation). They may change at any resume and are not part of the identity.
+- `sources` entries document where recipe values come from and never change training.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+OBSERVE_KEYS = (
+    "paths.*", "logger.*",
+    "trainer.log_every", "trainer.eval_every", "trainer.ckpt_every", "trainer.diagnostics_every",
+    "trainer.progress", "trainer.device", "trainer.compile", "optim.compiled",
+    "task.data.root", "task.data.fixture_root", "task.data.num_workers",
+)
+LENGTH_KEYS = ("trainer.max_steps", "trainer.max_epochs")
+DOC_KEY = "sources"
+
+
+class _Absent:
+    """Stands for a key that one of two compared configs does not have."""
+
+    def __repr__(self) -> str:
+        return "absent"
+
+
+ABSENT = _Absent()
+
+
+#: what a command does with its run directory, not part of any run's config
+COMMAND_KEYS = ("resume", "overwrite")
+
+
+def key_kind(key: str) -> str:
+    """'doc', 'command', 'observe', 'length' or 'training' for a dotted key."""
+    if DOC_KEY in key.split("."):
+        return "doc"
+    if key in COMMAND_KEYS:
+        return "command"
+    if any(fnmatchcase(key, pattern) for pattern in OBSERVE_KEYS):
+        return "observe"
+    if key in LENGTH_KEYS:
+        return "length"
+    return "training"
+
+
+def flatten(cfg: DictConfig | dict) -> dict[str, Any]:
+    """Dotted key -> plain value of every leaf (lists are leaves), interpolations resolved. A
+    config that cannot be resolved as a whole (a key whose interpolation fails) is flattened
+    unresolved, so such a key compares by its text."""
+    if isinstance(cfg, DictConfig):
+        try:
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # noqa: BLE001 - any resolution failure: compare the raw text instead
+            cfg = OmegaConf.to_container(cfg, resolve=False)
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            out[prefix] = node
+
+    walk(cfg, "")
+    return out
+
+
+def differences(old: DictConfig | dict, new: DictConfig | dict) -> dict[str, tuple[Any, Any]]:
+    """Every dotted key whose value differs between two configs: key -> (old, new); a key only
+    one of them has shows ABSENT on the other side. Documentation and command keys are left out."""
+    a, b = flatten(old), flatten(new)
+    out = {}
+    for key in set(a) | set(b):
+        if key_kind(key) in ("doc", "command"):
+            continue
+        va, vb = a.get(key, ABSENT), b.get(key, ABSENT)
+        if va != vb:
+            out[key] = (va, vb)
+
+    def order(key: str) -> tuple:
+        # What says most in a short message first: names and top-level keys (optim.name, seed),
+        # then values both configs have, then keys only one has (another optimizer's arguments).
+        named = key.endswith(".name") or "." not in key
+        return (not named, ABSENT in out[key], key)
+
+    return {key: out[key] for key in sorted(out, key=order)}
+
+
+def override_key(override: str) -> str:
+    """The key (or config group) of one command-line override: `+optim.foo=1` -> `optim.foo`."""
+    return override.split("=", 1)[0].lstrip("~+")
+
+
+def apply_fixture_overrides(cfg: DictConfig, given: set[str]) -> dict[str, Any]:
+    """With `task.data.fixture=true`, set each value of `task.fixture_overrides` (a mapping laid out
+    like the task node: {data: {batch_size: 16}, model: {arch: resnet10t}}) on the task node, except
+    the keys in `given` (the command line's, which win). Returns what was set (full key -> value)."""
+    block = cfg.task.get("fixture_overrides")
+    if not cfg.task.data.get("fixture") or not block:
+        return {}
+    applied = {}
+    for rel, value in flatten(block).items():
+        key = f"task.{rel}"
+        if key not in given:
+            OmegaConf.update(cfg, key, value, merge=False)
+            applied[key] = value
+    return applied
