@@ -226,7 +226,10 @@ def find_runs(dirs: Iterable[Path | str], log=print) -> list[Run]:
                 summary = json.loads(summary_path.read_text())
                 config = OmegaConf.load(config_path) if config_path.is_file() else None
             except (OSError, ValueError, yaml.YAMLError) as exc:
-                skipped.append(f"{run_dir} (unreadable: {exc})")
+                skipped.append(f"{run_dir} (unreadable: {str(exc).splitlines()[0] if str(exc) else exc!r})")
+                continue
+            if not isinstance(summary, dict) or not isinstance(summary.get("metrics", {}), dict):
+                skipped.append(f"{summary_path} (not a run summary: a JSON object with a metrics object)")
                 continue
             if config is None:
                 skipped.append(f"{run_dir} (no .hydra/config.yaml)")
@@ -620,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.figures:
         from projbench.figures import write_figures
 
-        for path in write_figures([r for r in runs if r.run_dir is not None], out / "figures"):
+        for path in write_figures([r for r in runs if r.run_dir is not None], out / "figures", log=info):
             info(f"wrote {path}")
     return 0
 

@@ -93,6 +93,27 @@ def test_failed_runs_are_excluded_and_missing_cells_listed(sweep, tmp_path):
     assert "nowhere" in missing.stderr and "no such directory" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_damaged_runs_are_skipped_with_one_line_naming_the_file(sweep, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for run_dir in sorted(d for d in sweep.iterdir() if d.is_dir())[:4]:
+        shutil.copytree(run_dir, runs / run_dir.name, ignore=shutil.ignore_patterns("checkpoint.pt"))
+    listed, wrong, torn, damaged = sorted(runs.iterdir())
+    (listed / "summary.json").write_text("[1, 2]")
+    (wrong / "summary.json").write_text('{"status": "completed", "metrics": 3}')
+    with open(torn / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "epo')  # a run killed mid-write: the rest of the file still counts
+    lines = (damaged / "metrics.jsonl").read_text().splitlines()
+    (damaged / "metrics.jsonl").write_text("\n".join(lines[:1] + ["garbage"] + lines[2:]) + "\n")
+    assert tables.main(["--runs", str(runs), "--table", "digits", "--out", str(tmp_path / "res")]) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("skipped")] == [
+        f"skipped {listed / 'summary.json'} (not a run summary: a JSON object with a metrics object)",
+        f"skipped {wrong / 'summary.json'} (not a run summary: a JSON object with a metrics object)",
+        f"skipped {damaged / 'metrics.jsonl'}:2: Expecting value: line 1 column 1 (char 0) "
+        "(damaged metrics; the run is left out of the figures)"]
+    assert "read 2 runs" in err and (tmp_path / "res" / "figures" / "digits_resnet10t.png").exists()
+
+
 def test_paper_values_are_the_papers():
     specs = load_spec()
     assert {"digits", "table1", "table2", "table3", "table4a", "table4b", "table4c", "table5", "table6",
