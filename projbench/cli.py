@@ -5,22 +5,27 @@
   exit code 2; `HYDRA_FULL_ERROR=1` shows the traceback instead.
 - `run(cfg)`: per run, checks the command line's values against the types of their defaults,
   applies the task's fixture sizes with `task.data.fixture=true`, trains, and turns the outcome
-  into a log and an exit code (2 bad input, 1 a failed run).
+  into a log and an exit code (2 bad input, 1 a failed run, 128 + the signal for an interrupted
+  one), or, in a sweep, into the cell's record (projbench/sweep.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
 from omegaconf import DictConfig
 
-from projbench.errors import NonFiniteLossError, StorageError, UserError
-from projbench.runconfig import apply_fixture_overrides, override_key
+from projbench.errors import Interrupted, NonFiniteLossError, StorageError, UserError
+from projbench.runconfig import apply_fixture_overrides, override_key, register_resolvers
+from projbench.signals import STOP, exit_code
 from projbench.validation import check_finite, check_override_types
+
+register_resolvers()  # ${run_dir:...} in conf/config.yaml, here and in every sweep worker
 
 log = logging.getLogger("projbench")
 # The user's HYDRA_FULL_ERROR, kept across `entry` setting it for Hydra (and for worker processes,
@@ -110,35 +115,82 @@ def prepare(cfg: DictConfig) -> None:
         log.info("fixture: %s (task.fixture_overrides)", ", ".join(f"{k}={v}" for k, v in applied.items()))
 
 
-def run(cfg: DictConfig) -> float | None:
-    """One run under Hydra: train, log the outcome, and return the primary metric (what Hydra
-    sweepers such as Optuna optimise)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+def _failure(exc: BaseException) -> tuple[str, str, int] | None:
+    """(status, one-line message, exit code) of how a run ended early; None for a bug."""
     from omegaconf.errors import OmegaConfBaseException
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if isinstance(exc, (UserError, OmegaConfBaseException)):
+        return "failed", one_line(exc) or str(exc), 2
+    if isinstance(exc, (NonFiniteLossError, StorageError)):
+        return "failed", str(exc), 1
+    if isinstance(exc, Interrupted):
+        return "interrupted", str(exc), exit_code(exc.signum)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", "SIGINT twice: stopped at once", exit_code(signal.SIGINT)
+    return None
+
+
+def run(cfg: DictConfig) -> float | None:
+    """One run under Hydra: train, report, and return the primary metric (what Hydra sweepers such
+    as Optuna optimise). A single run that ends early ends the process with one line and its exit
+    code (2 bad input, 1 a failed run, 128 + the signal for an interrupted one). In a sweep a cell's
+    failure is the cell's: it is recorded (summary.json, the sweep's report) and the sweep goes on;
+    after a stop signal the cells not started yet are skipped."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from projbench import sweep
+    from projbench.rundir import record_failure
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    STOP.install()  # for the whole process: a sweep's later cells see an earlier signal
+    if multirun and sweep.stopping(hydra_cfg.sweep.dir):
+        sweep.note_outcome("not started", "the sweep was stopping")
+        return None
     try:
         prepare(cfg)
         from projbench.train import train  # imported late: --help, tab completion and bad input stay fast
 
         summary = train(cfg, run_dir)
-    except (UserError, OmegaConfBaseException) as exc:
-        # Bad input: one line, exit code 2, no traceback (HYDRA_FULL_ERROR=1 shows it).
-        if full_error():
+    except BaseException as exc:  # noqa: BLE001 - each kind of ending is told apart below
+        if isinstance(exc, SystemExit) or (full_error() and not isinstance(exc, Interrupted)):
             raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
-    except (NonFiniteLossError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if multirun:
-            raise  # the other jobs of the sweep still run; Hydra reports this one as failed
-        sys.exit(1)
-    report(summary, run_dir)
+        failure = _failure(exc)
+        if failure is None:
+            if not multirun:
+                raise  # a bug: its traceback
+            log.exception("the cell failed")  # a bug: its traceback goes to the cell's log
+            first = str(exc).strip().splitlines()
+            failure = ("failed", f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__, 1)
+        status, message, code = failure
+        print(f"{'error' if status == 'failed' else status}: {message}", file=sys.stderr)
+        if status == "interrupted":
+            try:
+                STOP.hand_over()  # in a submitit job: submitit requeues it (and exits)
+            except Exception as requeue_exc:  # noqa: BLE001 - e.g. submitit's "timed-out too many times"
+                message += f"; not requeued: {str(requeue_exc).strip().splitlines()[0]}"
+                print(f"interrupted: {message}", file=sys.stderr)
+        if not multirun:
+            sys.exit(code)
+        if isinstance(exc, KeyboardInterrupt):
+            raise  # a second Ctrl-C stops the sweep at once
+        if status == "failed":
+            record_failure(run_dir, cfg, message)  # unless the directory holds a run (then it is recorded there)
+        sweep.note_outcome(status, message)
+        return None
+    if summary.get("skipped"):
+        # Printed, not logged: a completed run's directory (its log file included) stays untouched.
+        print(f"{run_dir}: already completed at step {summary.get('steps')}; nothing to do (overwrite=true trains "
+              "it again)", file=sys.stderr)
+        sweep.note_outcome("skipped")
+    else:
+        report(summary, run_dir)
+        sweep.note_outcome("completed")
     primary = summary.get("primary_metric")
     for split in ("test", "val"):
-        entry = summary["metrics"].get(f"{split}/{primary}")
+        entry = (summary.get("metrics") or {}).get(f"{split}/{primary}")
         if entry is not None:
             return entry["final"]
     return None

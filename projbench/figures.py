@@ -28,7 +28,7 @@ TaskFigure = Callable[[dict[str, list[History]], Path, str], list[Path]]
 TASK_FIGURES: dict[str, TaskFigure] = {}
 OPTIM_ORDER = ["sgd", "sgdp", "adam", "adamw", "adamp"]
 # Overrides that never tell settings apart in a legend (the optimizer's name leads every label).
-IGNORED_OVERRIDES = {"seed", "optim", "experiment", "trainer.progress"}
+IGNORED_OVERRIDES = {"seed", "optim", "experiment", "trainer.progress", "resume", "overwrite"}
 IGNORED_PREFIXES = ("hydra", "logger", "paths")
 
 

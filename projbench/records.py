@@ -5,7 +5,8 @@ It is only ever appended to; a resume drops the points after its checkpoint by w
 ones to a new file and renaming it over the old one, so a kill at any moment leaves a whole file.
 A kill in the middle of an append leaves a torn last line, which every reader here ignores.
 summary.json holds the run's identity (task, optim, seed, model), its final and best metrics with
-their direction, and how it ran (steps, wall seconds, git commit, torch version, device, status).
+their direction, and how it ran (steps, wall seconds, git commit, torch version, device, status:
+running, completed, failed or interrupted).
 Only rank 0 writes.
 """
 
@@ -174,6 +175,8 @@ class WandbLogger:
             return
         try:
             self.run.summary.update({"status": summary["status"]})
+            if summary["status"] == "interrupted":
+                self.run.mark_preempting()  # W&B shows it as preempted: it will be resumed
             self.run.finish(exit_code=0 if summary["status"] == "completed" else 1)
         except Exception as exc:  # noqa: BLE001
             self._warn(f"W&B finish failed ({exc})")
@@ -196,6 +199,7 @@ class RunRecorder:
         self.wandb = None
         if not enabled:
             return
+        run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             write_text_atomic(self.metrics_path, "")
         else:

@@ -1,4 +1,5 @@
-"""Which keys of a run's config define what it trains, and how two configs of one run differ.
+"""Which keys of a run's config define what it trains, how two configs of one run differ, and the
+directory a config's run lives in.
 
 A run directory holds one training. Its resolved config has three kinds of key:
 
@@ -8,10 +9,18 @@ A run directory holds one training. Its resolved config has three kinds of key:
 - OBSERVE_KEYS: how the run is watched, stored or executed (logging, checkpoints, paths, loader
   workers, device, compilation). They may change at any resume and are not part of the identity.
 - `sources` entries document where recipe values come from and never change training.
+
+A run's identity is its training and length keys: `identity_hash` is a short hash of them, and
+the `${run_dir:PREFIX}` resolver (conf/config.yaml's hydra.run.dir and hydra.sweep.subdir) puts
+each config's run in `PREFIX-<hash>`, so the same command finds its run again (to skip, resume or
+start it) and two configs never share a directory.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -21,7 +30,7 @@ OBSERVE_KEYS = (
     "paths.*", "logger.*",
     "trainer.log_every", "trainer.eval_every", "trainer.ckpt_every", "trainer.diagnostics_every",
     "trainer.progress", "trainer.device", "trainer.compile", "optim.compiled",
-    "task.data.root", "task.data.fixture_root", "task.data.num_workers",
+    "task.data.root", "task.data.fixture_root", "task.data.cache_dir", "task.data.num_workers",
 )
 LENGTH_KEYS = ("trainer.max_steps", "trainer.max_epochs")
 DOC_KEY = "sources"
@@ -116,3 +125,27 @@ def apply_fixture_overrides(cfg: DictConfig, given: set[str]) -> dict[str, Any]:
             OmegaConf.update(cfg, key, value, merge=False)
             applied[key] = value
     return applied
+
+
+def identity(cfg: DictConfig | dict) -> dict[str, Any]:
+    """The keys that make a run what it is (training and length keys), resolved."""
+    return {k: v for k, v in flatten(cfg).items() if key_kind(k) in ("training", "length")}
+
+
+def identity_hash(cfg: DictConfig | dict, length: int = 8) -> str:
+    text = json.dumps(identity(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def run_dir_resolver(prefix: str, *, _root_: DictConfig) -> str:
+    """`${run_dir:PREFIX}`: the absolute directory PREFIX-<identity hash of the config, without its
+    hydra node>. Absolute, so that as hydra.sweep.subdir it puts a sweep's cells beside single
+    runs (os.path.join drops the sweep directory before an absolute path)."""
+    body = OmegaConf.to_container(_root_, resolve=False)
+    body.pop("hydra", None)
+    return os.path.abspath(f"{prefix}-{identity_hash(OmegaConf.create(body))}")
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("run_dir"):
+        OmegaConf.register_new_resolver("run_dir", run_dir_resolver)

@@ -8,9 +8,11 @@
     write_checkpoint(state, run.checkpoint)
     run.release()
 
-A new run into a directory that holds a run is refused unless `resume=true` (continue it: the new
-config may differ from the run's only in keys that extend or observe it, see projbench.runconfig)
-or `overwrite=true` (replace it). Hydra does not write the config snapshot itself
+What the command does with a directory that holds a run is `resume` (conf/config.yaml): `auto`
+(the default) continues this config's run (a completed one is skipped, a partial one resumes from
+its checkpoint, one without a checkpoint starts again) and refuses another config's; `true`
+resumes (and may extend) it; `false` refuses it. `overwrite=true` replaces it. A resumed config may
+differ from the run's only in keys that extend or observe it (projbench.runconfig). Hydra does not write the config snapshot itself
 (`hydra.output_subdir: null` in conf/config.yaml): `start` writes `.hydra/config.yaml`,
 `overrides.yaml` and `hydra.yaml` once the checks have passed, so a refused command leaves the
 run's own config in place.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -55,15 +58,25 @@ class RunDirError(UserError):
     """The run directory cannot be used as asked: in use, holding another run, unwritable."""
 
 
+class RunCompleted(Exception):
+    """The directory holds this config's completed run (resume=auto): nothing to train."""
+
+    def __init__(self, summary: dict):
+        super().__init__("already completed")
+        self.summary = summary
+
+
 @dataclass
 class Plan:
-    """What starting a run in a directory means: "fresh", or "resume" from `state` at `step`."""
+    """What starting a run in a directory means: "fresh", "resume" from `state` at `step`, or
+    "skip" (this config's run is complete: `summary`)."""
 
     kind: str
     step: int = 0
     state: dict | None = None
     #: keys that differ from the run's config (only length and observe keys for a resume): key -> (old, new)
     changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    summary: dict | None = None
 
 
 def _describe_os_error(path: Path, exc: OSError) -> str:
@@ -174,14 +187,36 @@ class RunDirectory:
 
     # -- deciding ------------------------------------------------------------------------------
     def plan(self, cfg: DictConfig, device: torch.device | str = "cpu") -> Plan:
-        """Decide, reading only: a fresh run or a resume, or a RunDirError saying why neither."""
+        """Decide, reading only, what this command does with the directory: a fresh run, a resume,
+        a skip, or a RunDirError saying why none."""
         if cfg.get("overwrite", False):
             return Plan("fresh")
-        if cfg.resume:
+        if cfg.resume is True:
             return self._plan_resume(cfg, device)
-        if self.holds_run():
-            raise RunDirError(f"{self.path} holds a run ({self.status()}); resume=true continues it, {REPLACE_HINT}")
-        return Plan("fresh")
+        if not self.holds_run():
+            return Plan("fresh")
+        if cfg.resume is False:
+            raise RunDirError(f"{self.path} holds a run ({self.status()}); resume=auto continues it, {REPLACE_HINT}")
+        return self._plan_auto(cfg, device)
+
+    def _plan_auto(self, cfg: DictConfig, device: torch.device | str) -> Plan:
+        """resume=auto: continue this config's run, whatever state it is in."""
+        from projbench.records import read_summary
+
+        old = self.run_config()
+        if old is not None:
+            other = {k: v for k, v in differences(old, cfg).items() if key_kind(k) in ("training", "length")}
+            if other:
+                longer = all(key_kind(k) == "length" for k in other)
+                hint = "resume=true continues it with the new length" if longer else "resume=auto continues only the same config's run"
+                raise RunDirError(f"{self.path} holds a run of another config: {describe_changes(other)}; {hint}; "
+                                  f"{REPLACE_HINT}")
+        summary = read_summary(self.path / SUMMARY)
+        if summary is not None and summary.get("status") == "completed":
+            return Plan("skip", int(summary.get("steps") or 0), summary=summary)
+        if self.checkpoint.exists():
+            return self._plan_resume(cfg, device)
+        return Plan("fresh")  # it stopped before its first checkpoint: nothing to continue from
 
     def _plan_resume(self, cfg: DictConfig, device: torch.device | str) -> Plan:
         old = self.run_config()
@@ -262,22 +297,54 @@ def write_checkpoint(state: dict, path: Path) -> None:
 def open_run(path: Path, cfg: DictConfig, dist: DistInfo, device: torch.device) -> tuple[RunDirectory, Plan]:
     """Lock and check the run directory (rank 0), agree on the plan on every rank. Nothing is
     written yet; the caller calls `run.start(cfg, plan)` (rank 0) once the run is built, and
-    `run.release()` at the end (also on failure)."""
+    `run.release()` at the end (also on failure). This config's completed run (resume=auto) raises
+    RunCompleted, with the lock released."""
     run = RunDirectory(path)
     plan, error, shared = None, None, None
     if dist.is_main:
         try:
             run.acquire()
             plan = run.plan(cfg, device)
-            shared = (plan.kind, plan.step, None)
+            shared = (plan.kind, plan.step, None, plan.summary)
         except UserError as exc:
             run.release()
-            error, shared = exc, (None, 0, str(exc))
-    kind, step, message = broadcast_object(shared)
+            error, shared = exc, (None, 0, str(exc), None)
+    kind, step, message, summary = broadcast_object(shared)
     if error is not None:
         raise error
     if message is not None:
         raise RunDirError(message)
+    if kind == "skip":
+        run.release()
+        raise RunCompleted(summary)
     if plan is None:  # another rank than 0: read the checkpoint rank 0 checked
         plan = Plan(kind, step, run.load_checkpoint(device) if kind == "resume" else None)
     return run, plan
+
+
+def record_failure(path: Path, cfg: DictConfig, error: str) -> bool:
+    """Record a run that failed before it started (a bad value in one cell of a sweep) as the
+    directory's run: its config snapshot and a summary.json with `status: failed` and the error.
+    A directory that holds a run, or that another process holds, is left as it is. True if
+    recorded."""
+    run = RunDirectory(path)
+    try:
+        run.acquire()
+    except RunDirError:
+        return False
+    try:
+        if run.holds_run():
+            return False
+        run._write_snapshot(cfg)
+
+        def value(key: str) -> Any:
+            return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+
+        summary = {"task": value("task.name"), "optim": value("optim.name"), "seed": value("seed"), "model": None,
+                   "status": "failed", "error": error, "metrics": {}, "steps": 0}
+        write_text_atomic(run.path / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        return True
+    except OSError:
+        return False
+    finally:
+        run.release()

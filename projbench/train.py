@@ -29,12 +29,13 @@ from tqdm import tqdm
 
 from projbench import diagnostics
 from projbench.distributed import DistInfo, barrier, broadcast_object, init_distributed
-from projbench.errors import ConfigError, NonFiniteLossError
+from projbench.errors import ConfigError, Interrupted, NonFiniteLossError
 from projbench.optim import build_optimizer
 from projbench.optim.factory import check_optim_config
 from projbench.records import LossWindow, RunRecorder, read_summary
-from projbench.rundir import SUMMARY, Plan, RunDirectory, open_run, write_checkpoint
+from projbench.rundir import SUMMARY, Plan, RunCompleted, RunDirectory, open_run, write_checkpoint
 from projbench.schedules import build_scheduler, validate_schedule
+from projbench.signals import StopPoll, handling_stop_signals
 from projbench.tasks.base import Task
 from projbench.validation import check_loop_config
 
@@ -136,6 +137,13 @@ class Trainer:
     step: int = 0
     rundir: RunDirectory | None = None  # holds the directory's lock while the run lives
     loss_window: LossWindow | None = None
+    stop: StopPoll | None = None  # asked after every step whether a stop signal arrived
+
+    def __post_init__(self) -> None:
+        # Defaults for a Trainer built by hand (scripts/bench_train.py): no lock, one process.
+        self.rundir = self.rundir or RunDirectory(self.run_dir)
+        self.loss_window = self.loss_window or LossWindow(self.device)
+        self.stop = self.stop or StopPoll(distributed=False)
 
     @property
     def epoch(self) -> float:
@@ -218,6 +226,9 @@ class Trainer:
                    disable=not (self.dist.is_main and tr.progress))
         self.train_model.train()
         batches = self._batches()
+        signum = self.stop.now()  # a signal during set-up: stop before training
+        if signum:
+            raise Interrupted(signum, self.step)
         while self.step < self.total_steps:
             batch = to_device(next(batches), self.device, tr.channels_last)
             with self._autocast():
@@ -258,9 +269,17 @@ class Trainer:
             bar.update(1)
             if self.step % eval_every == 0 or last:
                 self.evaluate()
-            if _due(self.step, tr.ckpt_every) or last:
+            checkpoint_due = _due(self.step, tr.ckpt_every) or last
+            if checkpoint_due:
                 self._check_finite(bad_step, window.total)
                 self.save_checkpoint()
+            signum = self.stop.poll()  # every rank gets the same answer at the same step
+            if signum and not last:
+                if not checkpoint_due:  # finish this step, checkpoint it, stop
+                    self._check_finite(bad_step, window.total)
+                    self.save_checkpoint()
+                raise Interrupted(signum, self.step)
+        self.stop.close()
         bar.close()
         return self.recorder.final
 
@@ -344,7 +363,7 @@ def _build(cfg: DictConfig, run_dir: Path, dist: DistInfo, device: torch.device,
     recorder = RunRecorder(run_dir, cfg, task.metrics, enabled=dist.is_main, resume_step=resume_step)
     trainer = Trainer(cfg, run_dir, dist, device, task, model, train_model, optimizer, scheduler, scaler,
                       train_loader, eval_loaders, steps_per_epoch, total, recorder, rundir=rundir,
-                      loss_window=LossWindow(device))
+                      loss_window=LossWindow(device), stop=StopPoll(dist.enabled))
     if plan.state is not None:
         trainer.load_checkpoint(plan.state)
         log.info("resumed from %s at step %d", rundir.checkpoint, trainer.step)
@@ -353,12 +372,18 @@ def _build(cfg: DictConfig, run_dir: Path, dist: DistInfo, device: torch.device,
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run one (task, optim, seed) cell; returns (and writes) its summary."""
-    trainer = build_trainer(cfg, run_dir)
-    try:
-        return _run(trainer)
-    finally:
-        trainer.rundir.release()
+    """Run one (task, optim, seed) cell; returns (and writes) its summary. A stop signal ends it
+    after the current step with a checkpoint (Interrupted); this config's completed run in
+    `run_dir` (resume=auto) is returned as it is, with `"skipped": True`."""
+    with handling_stop_signals():
+        try:
+            trainer = build_trainer(cfg, run_dir)
+        except RunCompleted as done:
+            return {**done.summary, "skipped": True}
+        try:
+            return _run(trainer)
+        finally:
+            trainer.rundir.release()
 
 
 def _run(trainer: Trainer) -> dict:
@@ -370,9 +395,13 @@ def _run(trainer: Trainer) -> dict:
     try:
         trainer.fit()
     except BaseException as exc:
+        status = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
+        error = str(exc) or type(exc).__name__
+        if isinstance(exc, KeyboardInterrupt):
+            error = "SIGINT twice: stopped at once; the same command continues from the last checkpoint"
         try:
-            trainer.recorder.write_summary(status="failed", steps=trainer.step, epoch=trainer.epoch,
-                                           extra=extra, error=str(exc) or type(exc).__name__, **common)
+            trainer.recorder.write_summary(status=status, steps=trainer.step, epoch=trainer.epoch,
+                                           extra=extra, error=error, **common)
         except Exception as record_exc:  # noqa: BLE001 - e.g. a full disk: the original error matters more
             log.error("could not record the failure in summary.json: %s", record_exc)
         raise

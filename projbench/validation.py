@@ -30,7 +30,7 @@ NULL_ALLOWED = {
 
 @dataclass(frozen=True)
 class Rule:
-    kind: type | tuple  # int, float (any real number), bool, str
+    kind: type | tuple  # int, float (any real number), bool, str; or (type, literal, ...)
     nullable: bool = False
     minimum: float | None = None  # value >= minimum
     positive: bool = False        # value > 0
@@ -38,7 +38,7 @@ class Rule:
 
 LOOP_KEYS: dict[str, Rule] = {
     "seed": Rule(int, minimum=0),
-    "resume": Rule(bool),
+    "resume": Rule((bool, "auto")),
     "overwrite": Rule(bool),
     "trainer.max_steps": Rule(int, nullable=True, positive=True),
     "trainer.max_epochs": Rule(int, nullable=True, positive=True),
@@ -85,6 +85,12 @@ def _select(cfg: DictConfig, key: str) -> Any:
 
 
 def check_rule(key: str, value: Any, rule: Rule) -> None:
+    if isinstance(rule.kind, tuple):  # a choice of a type and literal values
+        kind, *choices = rule.kind
+        if not (_is(value, kind) or value in choices):
+            names = " or ".join([*map(str, choices), _KIND_NAMES[kind]])
+            raise ConfigError(key, f"must be {names}, got {_show(value)}")
+        return
     if value is None:
         if not rule.nullable:
             raise ConfigError(key, f"must be {_KIND_NAMES[rule.kind]}, got null")

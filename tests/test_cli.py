@@ -8,6 +8,7 @@ import time
 import pytest
 
 from conftest import FAST, make_cfg, read_summary, run_cli
+from projbench.errors import ConfigError
 
 
 def test_help_and_cfg_job_show_groups(tmp_path):
@@ -29,11 +30,6 @@ def test_unknown_optimizer_lists_valid_ones(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("optim.lr=abc", "optim.lr: must be a number like its default 0.1, got 'abc'"),
-    ("seed=1.5", "seed: must be an integer like its default 0, got 1.5"),
-    ("seed=abc", "seed: must be an integer like its default 0, got 'abc'"),
-    ("resume=maybe", "resume: must be true or false like its default false, got 'maybe'"),
-    ("optim.lr=nan", "optim.lr: must be a finite number, got nan"),
-    ("task.data.image_size=null", "task.data.image_size: must not be null (its default is 32)"),
     ("trainer.foo=1", "trainer.foo: Key 'foo' is not in struct; To append to your config use +trainer.foo=1"),
     ("optim.lr=[1", "optim.lr=[1: no viable alternative at input '[1'"),
 ])
@@ -41,6 +37,32 @@ def test_wrong_types_unknown_keys_and_hydra_errors_are_one_line_with_exit_2(tmp_
     out = run_cli([override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert (out.returncode, out.stderr) == (2, f"error: {message}\n")
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=1.5", "seed: must be an integer like its default 0, got 1.5"),
+    ("seed=abc", "seed: must be an integer like its default 0, got 'abc'"),
+    ("task.data.image_size=null", "task.data.image_size: must not be null (its default is 32)"),
+    ("optim=adam optim.betas=[0.9,abc]", "optim.betas[1]: must be a number like its default 0.999, got 'abc'"),
+    ("trainer.max_steps=null", None),                 # documented: then max_epochs decides
+    ("optim.lr=nan", "optim.lr: must be a finite number, got nan"),
+    ("resume=maybe", "resume: must be auto or true or false, got 'maybe'"),
+])
+def test_each_value_keeps_the_type_of_its_default(override, message):
+    """What the command line checks (projbench/cli.py prepare), in process."""
+    from projbench.runconfig import override_key
+    from projbench.validation import check_loop_config, check_override_types
+
+    overrides = override.split()
+    cfg, defaults = make_cfg(overrides), make_cfg([o for o in overrides if o.startswith("optim=")])
+    check = lambda: (check_override_types(cfg, defaults, [override_key(o) for o in overrides]),  # noqa: E731
+                     check_loop_config(cfg))
+    if message is None:
+        check()
+        return
+    with pytest.raises(ConfigError) as err:
+        check()
+    assert str(err.value) == message
 
 
 def test_an_unwritable_run_directory_is_one_line_and_full_error_shows_the_traceback(tmp_path):

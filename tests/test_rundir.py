@@ -52,10 +52,29 @@ def copy_of(finished, tmp_path: Path) -> Path:
 def test_a_new_run_into_a_run_directory_is_refused_and_changes_nothing(finished, tmp_path):
     run_dir = copy_of(finished, tmp_path)
     before = snapshot(run_dir)
-    with pytest.raises(RunDirError, match="holds a run .status completed at step 12.; resume=true continues it, "
+    with pytest.raises(RunDirError, match="holds a run .status completed at step 12.; resume=auto continues it, "
                                           "overwrite=true replaces"):
-        train(cfg("trainer.max_steps=12"), run_dir)
+        train(cfg("trainer.max_steps=12", "resume=false"), run_dir)
     assert snapshot(run_dir) == before
+
+
+def test_auto_skips_its_completed_run_untouched_and_refuses_another_configs(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    before = snapshot(run_dir)
+    again = train(cfg("trainer.max_steps=12", "trainer.log_every=2"), run_dir)  # observing keys may differ
+    assert again["skipped"] and again["status"] == "completed" and again["steps"] == 12
+    with pytest.raises(RunDirError, match="holds a run of another config: optim.lr .0.1 -> 0.2.; resume=auto "
+                                          "continues only the same config's run"):
+        train(cfg("trainer.max_steps=12", "optim.lr=0.2"), run_dir)
+    with pytest.raises(RunDirError, match=r"max_steps \(12 -> 16\); resume=true continues it with the new length"):
+        train(cfg("trainer.max_steps=16"), run_dir)
+    assert snapshot(run_dir) == before
+    # A run that stopped before its first checkpoint has nothing to continue from: it starts again.
+    (run_dir / "checkpoint.pt").unlink()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "status": "running", "steps": 3}))
+    restarted = train(cfg("trainer.max_steps=12"), run_dir)
+    assert restarted["status"] == "completed" and restarted["resumes"] == [] and not restarted.get("skipped")
 
 
 def test_resume_that_changes_training_is_refused_naming_the_keys_and_writes_nothing(finished, tmp_path):

@@ -27,12 +27,12 @@ def sweep(tmp_path_factory):
     """The real CLI's multirun: 4 optimizers x 2 seeds of digits, 3 steps each (about a minute)."""
     root = tmp_path_factory.mktemp("sweep")
     out = run_cli(["-m", "task=digits", "optim=" + ",".join(OPTIMS), "seed=0,1", "trainer.max_steps=3",
-                   "trainer.eval_every=3", "trainer.diagnostics_every=1", *FAST,
-                   f"hydra.sweep.dir={root / 'multirun'}"], root, timeout=600)
+                   "trainer.eval_every=3", "trainer.diagnostics_every=1", *FAST, f"paths.log_dir={root}"],
+                  root, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    run_dirs = sorted(p for p in (root / "multirun").iterdir() if p.is_dir())
+    run_dirs = sorted(p for p in (root / "runs" / "digits").iterdir() if p.is_dir())  # one per cell
     assert len(run_dirs) == 8
-    return root / "multirun"
+    return root / "runs" / "digits"
 
 
 def _summaries(sweep_dir):
