@@ -4,7 +4,7 @@
   that fails) and the run's user errors end as one line `error: ...` naming the key or path, with
   exit code 2; `HYDRA_FULL_ERROR=1` shows the traceback instead.
 - `run(cfg)`: per run, checks the command line's values against the types of their defaults,
-  applies the task's fixture sizes with `task.data.fixture=true`, trains, and turns the outcome
+  trains, and turns the outcome
   into a log and an exit code (2 bad input, 1 a failed run, 128 + the signal for an interrupted
   one), or, in a sweep, into the cell's record (projbench/sweep.py).
 """
@@ -21,11 +21,9 @@ from typing import Callable
 from omegaconf import DictConfig
 
 from projbench.errors import Interrupted, NonFiniteLossError, StorageError, UserError
-from projbench.runconfig import apply_fixture_overrides, override_key, register_resolvers
+from projbench.runconfig import override_key
 from projbench.signals import STOP, exit_code
 from projbench.validation import check_finite, check_override_types
-
-register_resolvers()  # ${run_dir:...} in conf/config.yaml, here and in every sweep worker
 
 log = logging.getLogger("projbench")
 # The user's HYDRA_FULL_ERROR, kept across `entry` setting it for Hydra (and for worker processes,
@@ -98,8 +96,8 @@ def _defaults(hydra_cfg: DictConfig) -> DictConfig | None:
 
 
 def prepare(cfg: DictConfig) -> None:
-    """Check the command line's values against their defaults' types, then apply the fixture's
-    sizes (task.fixture_overrides) where the command line did not set them."""
+    """Check the command line's values against their defaults' types, and every number's
+    finiteness, before the (slow) training imports."""
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
@@ -110,9 +108,6 @@ def prepare(cfg: DictConfig) -> None:
     if defaults is not None:
         check_override_types(cfg, defaults, keys)
     check_finite(cfg)
-    applied = apply_fixture_overrides(cfg, set(keys))
-    if applied:
-        log.info("fixture: %s (task.fixture_overrides)", ", ".join(f"{k}={v}" for k, v in applied.items()))
 
 
 def _failure(exc: BaseException) -> tuple[str, str, int] | None:
@@ -200,6 +195,12 @@ def report(summary: dict, run_dir: Path) -> None:
     for key, entry in summary["metrics"].items():
         best = f" (best {entry['best']:.6g} at step {entry['best_step']})" if "best" in entry else ""
         log.info("%s = %.6g%s", key, entry["final"], best)
+    selection = summary.get("selection")
+    if selection and selection["step"] is not None:
+        log.info("selected on %s: the model of step %d (%s %.6g)", selection["metric"], selection["step"],
+                 selection["metric"], selection["value"])
+        for key, value in selection["metrics"].items():
+            log.info("  %s = %.6g (selected model)", key, value)
     for key, value in summary.get("derived", {}).items():
         log.info("%s = %s", key, f"{value:.6g}" if isinstance(value, float) else value)
     log.info("run directory: %s", run_dir)

@@ -79,6 +79,16 @@ def all_gather_list(items: list) -> list:
     return [item for part in parts for item in part]
 
 
+def all_gather_cat(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Every rank's `tensor` (the same shape on all ranks) concatenated along `dim` in rank order,
+    on every rank (`tensor` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim)
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         value = value.clone()

@@ -5,8 +5,9 @@ It is only ever appended to; a resume drops the points after its checkpoint by w
 ones to a new file and renaming it over the old one, so a kill at any moment leaves a whole file.
 A kill in the middle of an append leaves a torn last line, which every reader here ignores.
 summary.json holds the run's identity (task, optim, seed, model), its final and best metrics with
-their direction, and how it ran (steps, wall seconds, git commit, torch version, device, status:
-running, completed, failed or interrupted).
+their direction (best: over the run's evaluations, with its step and epoch), the model chosen on a
+validation split when trainer.select_best is on ("selection"), and how it ran (steps, wall
+seconds, git commit, torch version, device, status: running, completed, failed or interrupted).
 Only rank 0 writes.
 """
 
@@ -116,6 +117,10 @@ class LossWindow:
         self.count = int(state["count"])
 
 
+# summary.json's keys copied into the W&B run's summary when the run ends.
+WANDB_SUMMARY_KEYS = ("status", "seed", "model", "metrics", "selection", "wall_seconds", "world_size", "device")
+
+
 class WandbLogger:
     """Real wandb, offline by default. Tracking never stops or stalls a run: start-up waits at most
     `logger.init_timeout` seconds (W&B's own init_timeout setting); an online run that cannot
@@ -174,7 +179,8 @@ class WandbLogger:
         if self.run is None:
             return
         try:
-            self.run.summary.update({"status": summary["status"]})
+            # What projbench.tables needs to build a table from W&B alone (runs_from_wandb).
+            self.run.summary.update({key: summary[key] for key in WANDB_SUMMARY_KEYS if key in summary})
             if summary["status"] == "interrupted":
                 self.run.mark_preempting()  # W&B shows it as preempted: it will be resumed
             self.run.finish(exit_code=0 if summary["status"] == "completed" else 1)
@@ -195,7 +201,7 @@ class RunRecorder:
         self.wall_offset = 0.0  # seconds spent before a resume (restored from the checkpoint)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.final: dict[str, float] = {}
-        self.best: dict[str, tuple[float, int]] = {}
+        self.best: dict[str, tuple[float, int, float]] = {}  # key -> (value, step, epoch)
         self.wandb = None
         if not enabled:
             return
@@ -231,9 +237,9 @@ class RunRecorder:
         write_text_atomic(self.metrics_path, "".join(json.dumps(p) + "\n" for p in kept))
         for point in kept:
             if point["split"] != "train":
-                self._track(f"{point['split']}/{point['name']}", point["value"], point["step"])
+                self._track(f"{point['split']}/{point['name']}", point["value"], point["step"], point["epoch"])
 
-    def _track(self, key: str, value: float, step: int) -> None:
+    def _track(self, key: str, value: float, step: int, epoch: float) -> None:
         self.final[key] = value
         name = key.split("/", 1)[1]
         direction = self.directions.get(name)
@@ -242,7 +248,7 @@ class RunRecorder:
         best = self.best.get(key)
         better = best is None or (value > best[0] if direction == "max" else value < best[0])
         if better:
-            self.best[key] = (value, step)
+            self.best[key] = (value, step, round(epoch, 4))
 
     def log(self, split: str, values: dict[str, float], step: int, epoch: float) -> None:
         if not self.enabled:
@@ -256,9 +262,16 @@ class RunRecorder:
             raise StorageError(f"{self.metrics_path}: cannot be appended to ({exc.strerror or exc})") from exc
         if split != "train":
             for name, value in values.items():
-                self._track(f"{split}/{name}", value, step)
+                self._track(f"{split}/{name}", value, step, epoch)
         if self.wandb is not None:
             self.wandb.log({f"{split}/{k}": v for k, v in values.items()}, step=step)
+
+    def log_selection(self, selection: dict, step: int) -> None:
+        """The metrics of the model trainer.select_best kept (projbench/selection.py), to W&B as
+        selected/<split>/<name>; summary.json holds them under "selection". metrics.jsonl keeps
+        the points of the model being trained only."""
+        if self.enabled and self.wandb is not None and selection["metrics"]:
+            self.wandb.log({f"selected/{k}": v for k, v in selection["metrics"].items()}, step=step)
 
     def write_summary(self, *, status: str, steps: int, epoch: float, device: str, world_size: int,
                       model: str, extra: dict | None = None, error: str | None = None) -> dict:
@@ -267,7 +280,7 @@ class RunRecorder:
             name = key.split("/", 1)[1]
             entry = {"final": value, "direction": self.directions.get(name)}
             if key in self.best:
-                entry["best"], entry["best_step"] = self.best[key]
+                entry["best"], entry["best_step"], entry["best_epoch"] = self.best[key]
             metrics[key] = entry
         summary = {
             "task": self.cfg.task.name,

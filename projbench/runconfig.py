@@ -99,9 +99,10 @@ def differences(old: DictConfig | dict, new: DictConfig | dict) -> dict[str, tup
 
     def order(key: str) -> tuple:
         # What says most in a short message first: names and top-level keys (optim.name, seed),
-        # then values both configs have, then keys only one has (another optimizer's arguments).
+        # then values both configs have (class paths such as _target_ last), then keys only one
+        # has (another optimizer's arguments).
         named = key.endswith(".name") or "." not in key
-        return (not named, ABSENT in out[key], key)
+        return (not named, ABSENT in out[key], key.rsplit(".", 1)[-1].startswith("_"), key)
 
     return {key: out[key] for key in sorted(out, key=order)}
 
@@ -109,22 +110,6 @@ def differences(old: DictConfig | dict, new: DictConfig | dict) -> dict[str, tup
 def override_key(override: str) -> str:
     """The key (or config group) of one command-line override: `+optim.foo=1` -> `optim.foo`."""
     return override.split("=", 1)[0].lstrip("~+")
-
-
-def apply_fixture_overrides(cfg: DictConfig, given: set[str]) -> dict[str, Any]:
-    """With `task.data.fixture=true`, set each value of `task.fixture_overrides` (a mapping laid out
-    like the task node: {data: {batch_size: 16}, model: {arch: resnet10t}}) on the task node, except
-    the keys in `given` (the command line's, which win). Returns what was set (full key -> value)."""
-    block = cfg.task.get("fixture_overrides")
-    if not cfg.task.data.get("fixture") or not block:
-        return {}
-    applied = {}
-    for rel, value in flatten(block).items():
-        key = f"task.{rel}"
-        if key not in given:
-            OmegaConf.update(cfg, key, value, merge=False)
-            applied[key] = value
-    return applied
 
 
 def identity(cfg: DictConfig | dict) -> dict[str, Any]:
@@ -144,8 +129,3 @@ def run_dir_resolver(prefix: str, *, _root_: DictConfig) -> str:
     body = OmegaConf.to_container(_root_, resolve=False)
     body.pop("hydra", None)
     return os.path.abspath(f"{prefix}-{identity_hash(OmegaConf.create(body))}")
-
-
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("run_dir"):
-        OmegaConf.register_new_resolver("run_dir", run_dir_resolver)

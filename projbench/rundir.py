@@ -48,7 +48,7 @@ SNAPSHOT_DIR = ".hydra"
 SNAPSHOT = f"{SNAPSHOT_DIR}/config.yaml"
 #: what a run writes into its directory (overwrite=true removes these, and nothing else)
 RECORDS = (CHECKPOINT, "checkpoint.tmp", METRICS, SUMMARY, "wandb_id.txt", SNAPSHOT,
-           f"{SNAPSHOT_DIR}/overrides.yaml", f"{SNAPSHOT_DIR}/hydra.yaml")
+           f"{SNAPSHOT_DIR}/overrides.yaml", f"{SNAPSHOT_DIR}/hydra.yaml", "recipe.md", "recipe.json")
 #: what every checkpoint written by the loop holds
 CHECKPOINT_KEYS = ("step", "model", "optimizer", "scheduler", "scaler", "rng")
 REPLACE_HINT = "overwrite=true replaces the run, or choose another directory (hydra.run.dir=...)"
@@ -99,7 +99,7 @@ def _short(value: Any, width: int = 40) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def describe_changes(changes: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
+def describe_changes(changes: dict[str, tuple[Any, Any]], limit: int = 8) -> str:
     parts = [f"{key} ({_short(old)} -> {_short(new)})" for key, (old, new) in list(changes.items())[:limit]]
     if len(changes) > limit:
         parts.append(f"and {len(changes) - limit} more")
@@ -233,19 +233,32 @@ class RunDirectory:
 
     # -- writing -----------------------------------------------------------------------------------
     def start(self, cfg: DictConfig, plan: Plan) -> None:
-        """The checks passed: clear an overwritten run's records, write the config snapshot, and
-        record who holds the directory."""
+        """The checks passed: clear an overwritten run's records, write the config snapshot and
+        (under Hydra) the recipe card, and record who holds the directory."""
         try:
             if plan.kind == "fresh":
                 for name in RECORDS:
                     (self.path / name).unlink(missing_ok=True)
             self._write_snapshot(cfg)
+            self._write_recipe_card(cfg)
         except OSError as exc:
             raise RunDirError(_describe_os_error(self.path, exc)) from None
         self.claim()
         self.changed = plan.changed
         for key, (old, new) in plan.changed.items():
             log.info("resume: %s changed from %s to %s", key, _short(old), _short(new))
+
+    def _write_recipe_card(self, cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        from projbench.recipes import write_run_card
+
+        if not HydraConfig.initialized():
+            return
+        hydra_cfg = HydraConfig.get()
+        sweep_keys = list(hydra_cfg.sweeper.get("params") or {}) if hydra_cfg.mode == RunMode.MULTIRUN else []
+        write_run_card(cfg, self.path, list(hydra_cfg.overrides.task), sweep_keys, log=log.info)
 
     def _write_snapshot(self, cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig

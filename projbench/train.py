@@ -6,7 +6,9 @@ It knows nothing about the task beyond projbench.tasks.base.Task, and nothing ab
 beyond torch.optim.Optimizer. Per step it does what a bare PyTorch loop does (forward, backward,
 optimizer step, scheduler step) plus two tiny device-side ops that remember the first non-finite
 loss; it reads values on the host only every `log_every` steps, at evaluations, diagnostics and
-checkpoints.
+checkpoints. Three hooks live in their own modules: parameters a task freezes for an epoch
+(freezing.py, between backward and step), the model kept on a validation metric (selection.py,
+after each evaluation and at the end) and optimizer phases (phases.py, before a step).
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ from tqdm import tqdm
 from projbench import diagnostics
 from projbench.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from projbench.errors import ConfigError, Interrupted, NonFiniteLossError
+from projbench.freezing import ParameterFreezer
 from projbench.optim import build_optimizer
 from projbench.optim.factory import check_optim_config
+from projbench.phases import PhasePlan, new_optimizer_schedule, set_base_lr
 from projbench.records import LossWindow, RunRecorder, read_summary
 from projbench.rundir import SUMMARY, Plan, RunCompleted, RunDirectory, open_run, write_checkpoint
 from projbench.schedules import build_scheduler, validate_schedule
+from projbench.selection import BestCheckpoint
 from projbench.signals import StopPoll, handling_stop_signals
 from projbench.tasks.base import Task
 from projbench.validation import check_loop_config
@@ -134,7 +139,11 @@ class Trainer:
     steps_per_epoch: int
     total_steps: int
     recorder: RunRecorder
+    freezer: ParameterFreezer
+    selector: BestCheckpoint  # trainer.select_best
+    plan: PhasePlan  # trainer.phases
     step: int = 0
+    phase: int = 0  # the index in `plan` of the phase in force
     rundir: RunDirectory | None = None  # holds the directory's lock while the run lives
     loss_window: LossWindow | None = None
     stop: StopPoll | None = None  # asked after every step whether a stop signal arrived
@@ -151,6 +160,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        task_state = self.task.state_dict()  # on every rank: a task may gather its ranks' state
         if not self.dist.is_main:
             return
         state = {
@@ -162,32 +172,84 @@ class Trainer:
             "rng": _rng_state(),
             "wall_seconds": self.recorder.wall_seconds(),
             "loss_window": self.loss_window.state_dict(),
+            "task": task_state,
+            "phase": self.phase,
+            "select_best": self.selector.state_dict(),
         }
         write_checkpoint(state, self.rundir.checkpoint)  # atomic; a full disk keeps the previous one
 
     def load_checkpoint(self, state: dict) -> int:
         """Restore everything `save_checkpoint` wrote (`state`: the loaded checkpoint)."""
         self.model.load_state_dict(state["model"])
+        self.phase = int(state.get("phase", 0))
+        phase = self.plan.optimizer_phase(self.phase)
+        if phase is not None:  # the optimizer in force then, before its state is loaded
+            self.optimizer, self.scheduler = new_optimizer_schedule(
+                phase, self.cfg.trainer.schedule, self._build_optimizer, self.steps_per_epoch, self.total_steps)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        self.task.load_state_dict(state.get("task", {}))
         _set_rng_state(state["rng"])
         self.recorder.wall_offset = float(state["wall_seconds"])
         if "loss_window" in state:
             self.loss_window.load_state_dict(state["loss_window"])
+        self.selector.load_state_dict(state.get("select_best"))
         self.step = int(state["step"])
         return self.step
 
+    # -- phases (projbench/phases.py) ----------------------------------------------------------
+    def _build_optimizer(self, optim_cfg: DictConfig) -> torch.optim.Optimizer:
+        return build_optimizer(optim_cfg, self.model, self.task.optimizer_groups(self.model))
+
+    def _enter_phases(self) -> None:
+        """Start the phases of trainer.phases whose first step comes next."""
+        while self.phase < self.plan.index_at(self.step):
+            self.phase += 1
+            phase = self.plan.phases[self.phase - 1]
+            if phase.reload_best:
+                self.selector.load_into(self.model)
+            if phase.optim is not None:
+                self.optimizer, self.scheduler = new_optimizer_schedule(
+                    phase, self.cfg.trainer.schedule, self._build_optimizer, self.steps_per_epoch, self.total_steps)
+            else:
+                set_base_lr(self.scheduler, phase.lr)
+            log.info("phase %s from step %d: %s, lr %.3g%s", phase.name, self.step, type(self.optimizer).__name__,
+                     self.optimizer.param_groups[0]["lr"], ", from the best model" if phase.reload_best else "")
+
     # -- the loop ------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, dict[str, float]]:
+    def evaluate(self, loaders: dict | None = None, record: bool = True) -> dict[str, dict[str, float]]:
+        """Evaluate on `loaders` (default: the task's eval loaders) and log under their names
+        (`record=False`: only return the metrics)."""
         self.model.eval()
         results = {}
         with torch.no_grad(), self._autocast():
-            for split, loader in self.eval_loaders.items():
+            for split, loader in (self.eval_loaders if loaders is None else loaders).items():
                 results[split] = self.task.evaluate(self.model, loader, self.device)
-                self.recorder.log(split, results[split], self.step, self.epoch)
+                if record:
+                    self.recorder.log(split, results[split], self.step, self.epoch)
         self.model.train()
         return results
+
+    def evaluate_selected(self) -> dict | None:
+        """trainer.select_best: the kept model's metrics on every evaluation split and the task's
+        final protocol, for summary.json's "selection" (None when selection is off). When the kept
+        model is the final one these are its logged metrics; otherwise it is loaded into
+        `self.model` and evaluated."""
+        if not self.selector.enabled:
+            return None
+        loaders = {**self.eval_loaders, **self._final_eval_loaders()}
+        chosen = self.selector.chosen
+        if chosen is not None and chosen.step == self.step:  # the final model: its last logged metrics
+            metrics = {key: value for key, value in self.recorder.final.items() if key.split("/")[0] in loaders}
+        elif self.selector.load_into(self.model):
+            metrics = {f"{split}/{name}": value for split, values in self.evaluate(loaders, record=False).items()
+                       for name, value in values.items()}
+        else:
+            metrics = {}
+        selection = self.selector.summary(metrics)
+        self.recorder.log_selection(selection, self.step)
+        return selection
 
     def _autocast(self):
         dtype = AUTOCAST_DTYPES[str(self.cfg.trainer.precision)]
@@ -230,10 +292,12 @@ class Trainer:
         if signum:
             raise Interrupted(signum, self.step)
         while self.step < self.total_steps:
+            self._enter_phases()
             batch = to_device(next(batches), self.device, tr.channels_last)
             with self._autocast():
                 loss = self.task.training_loss(self.train_model, batch)
             self.scaler.scale(loss).backward()
+            self.freezer.drop_grads(self.step)
             if tr.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
@@ -268,7 +332,7 @@ class Trainer:
                                 sps=f"{values['samples_per_s']:.0f}")
             bar.update(1)
             if self.step % eval_every == 0 or last:
-                self.evaluate()
+                self.selector.observe(self.evaluate(), self.step, self.epoch, self.model)
             checkpoint_due = _due(self.step, tr.ckpt_every) or last
             if checkpoint_due:
                 self._check_finite(bad_step, window.total)
@@ -281,7 +345,14 @@ class Trainer:
                 raise Interrupted(signum, self.step)
         self.stop.close()
         bar.close()
+        # the task's final evaluation protocol, if it has one: once, also when a resumed run had done its steps
+        final_loaders = self._final_eval_loaders()
+        if final_loaders:
+            self.evaluate(final_loaders)
         return self.recorder.final
+
+    def _final_eval_loaders(self) -> dict:
+        return self.task.final_eval_loaders(int(self.cfg.task.data.batch_size) // self.dist.world_size, self.dist)
 
     def _check_finite(self, bad_step: torch.Tensor, loss_sum: torch.Tensor) -> None:
         step = int(bad_step.item())
@@ -308,16 +379,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     run_dir = Path(broadcast_object(str(run_dir)))
     # The directory is locked and checked (fresh run, resume, or a refusal) before anything is
     # built or written; it is released when the run ends, or here if building fails.
-    rundir, plan = open_run(run_dir, cfg, dist, device)
+    rundir, start = open_run(run_dir, cfg, dist, device)
     try:
-        return _build(cfg, run_dir, dist, device, rundir, plan)
+        return _build(cfg, run_dir, dist, device, rundir, start)
     except BaseException:
         rundir.release()
         raise
 
 
 def _build(cfg: DictConfig, run_dir: Path, dist: DistInfo, device: torch.device, rundir: RunDirectory,
-           plan: Plan) -> Trainer:
+           start: Plan) -> Trainer:
     tr = cfg.trainer
     global_batch = int(cfg.task.data.batch_size)
     if global_batch % dist.world_size:
@@ -346,6 +417,8 @@ def _build(cfg: DictConfig, run_dir: Path, dist: DistInfo, device: torch.device,
     total = int(tr.max_steps) if tr.max_steps is not None else int(tr.max_epochs) * steps_per_epoch
     scheduler = build_scheduler(tr.schedule, optimizer, steps_per_epoch, total)
     scaler = torch.amp.GradScaler(device.type, enabled=str(tr.precision) == "fp16")
+    selector = BestCheckpoint(tr.get("select_best"), task.metrics, list(eval_loaders))
+    plan = PhasePlan(tr.get("phases"), steps_per_epoch, total, selecting=selector.enabled)
 
     train_model = model
     if dist.enabled:
@@ -353,19 +426,20 @@ def _build(cfg: DictConfig, run_dir: Path, dist: DistInfo, device: torch.device,
     if tr.compile:
         train_model = torch.compile(train_model)
 
-    if plan.kind == "resume" and total <= plan.step:
+    if start.kind == "resume" and total <= start.step:
         key = "trainer.max_steps" if tr.max_steps is not None else "trainer.max_epochs"
-        raise ConfigError(key, f"the run to resume is at step {plan.step} of {total}: nothing is left to train "
+        raise ConfigError(key, f"the run to resume is at step {start.step} of {total}: nothing is left to train "
                                f"(raise {key} to train it further)")
     if dist.is_main:
-        rundir.start(cfg, plan)  # the checks passed: only now is anything written
-    resume_step = plan.step if plan.kind == "resume" else None
+        rundir.start(cfg, start)  # the checks passed: only now is anything written
+    resume_step = start.step if start.kind == "resume" else None
     recorder = RunRecorder(run_dir, cfg, task.metrics, enabled=dist.is_main, resume_step=resume_step)
     trainer = Trainer(cfg, run_dir, dist, device, task, model, train_model, optimizer, scheduler, scaler,
-                      train_loader, eval_loaders, steps_per_epoch, total, recorder, rundir=rundir,
+                      train_loader, eval_loaders, steps_per_epoch, total, recorder,
+                      ParameterFreezer(task, model, steps_per_epoch), selector, plan, rundir=rundir,
                       loss_window=LossWindow(device), stop=StopPoll(dist.enabled))
-    if plan.state is not None:
-        trainer.load_checkpoint(plan.state)
+    if start.state is not None:
+        trainer.load_checkpoint(start.state)
         log.info("resumed from %s at step %d", rundir.checkpoint, trainer.step)
     barrier()
     return trainer
@@ -394,6 +468,7 @@ def _run(trainer: Trainer) -> dict:
     trainer.recorder.write_summary(status="running", steps=trainer.step, epoch=trainer.epoch, extra=extra, **common)
     try:
         trainer.fit()
+        selection = trainer.evaluate_selected()
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
         error = str(exc) or type(exc).__name__
@@ -405,6 +480,8 @@ def _run(trainer: Trainer) -> dict:
         except Exception as record_exc:  # noqa: BLE001 - e.g. a full disk: the original error matters more
             log.error("could not record the failure in summary.json: %s", record_exc)
         raise
+    if selection is not None:
+        extra["selection"] = selection
     if trainer.dist.is_main:
         history = trainer.recorder.history()
         extra["derived"] = trainer.task.summarize(history)

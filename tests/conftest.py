@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = str(ROOT / "conf")
@@ -24,14 +26,8 @@ def make_cfg(overrides: list[str]):
 
 
 def fixture_cfg(task: str, data_dir: Path, *overrides: str):
-    """The config `python -m projbench task=<task> task.data.fixture=true <overrides>` trains with:
-    the task's fixture_overrides applied except where the command line sets the key."""
-    from projbench.runconfig import apply_fixture_overrides, override_key
-
-    args = [f"task={task}", "task.data.fixture=true", f"paths.data_dir={data_dir}", *overrides]
-    cfg = make_cfg(args)
-    apply_fixture_overrides(cfg, {override_key(a) for a in args})
-    return cfg
+    """The config `python -m projbench task=<task> task.data.fixture=true <overrides>` trains with."""
+    return make_cfg([f"task={task}", "task.data.fixture=true", f"paths.data_dir={data_dir}", *overrides])
 
 
 def fixture_batches(cfg) -> int:
@@ -43,6 +39,17 @@ def fixture_batches(cfg) -> int:
     task = get_class(cfg.task._target_)(cfg.task)
     task.setup(DistInfo())
     return len(task.train_loader(int(cfg.task.data.batch_size), DistInfo(), 0))
+
+
+def sweep_cells(experiment: str, *overrides: str) -> list:
+    """Every job config of `-m +experiment=<experiment> OVERRIDES`: the product of the
+    experiment's hydra.sweeper.params (an override of a swept key does not narrow the sweep)."""
+    base = [f"+experiment={experiment}", *overrides]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        primary = compose(config_name="config", overrides=base, return_hydra_config=True)
+        params = OmegaConf.to_container(primary.hydra.sweeper.params, resolve=True)
+        choices = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
+        return [compose(config_name="config", overrides=[*base, *cell]) for cell in itertools.product(*choices)]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None, runner=None):

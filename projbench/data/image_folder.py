@@ -4,8 +4,10 @@
     <root>/val/<wnid>/*.JPEG       (the official flat val archive sorted into class folders)
 
 `read_split` checks the layout before anything trains and turns every problem into a DataError
-that names the path and what was expected. A file that cannot be decoded shows up only when it
-is read; `on_bad_image` decides what happens then:
+that names the path and what was expected. `read_class_subset` reads only the class folders it is
+given (e.g. the 42 ImageNet classes of 9-class ImageNet, several folders to one class) and
+ignores the others. A file that cannot be decoded shows up only when it is read; `on_bad_image`
+decides what happens then:
 
   raise  BadImageError (a DataError) naming the file; the run stops with exit code 2.
   skip   a warning naming the file (logged once per file in each loader process), and the next
@@ -67,8 +69,15 @@ class ImageFolderSplit(ImageFolder):
         return sorted(mapping, key=mapping.get), mapping
 
     def __getitem__(self, index: int):
+        image, target, _ = self.load(index)
+        return image, target
+
+    def load(self, index: int):
+        """(image, target, the index of the sample returned): `index`, or with on_bad_image=skip
+        the next readable one (so per-sample data kept beside the folder can follow it)."""
         for attempt in range(MAX_CONSECUTIVE_BAD + 1):
-            path, target = self.samples[(index + attempt) % len(self.samples)]
+            used = (index + attempt) % len(self.samples)
+            path, target = self.samples[used]
             try:
                 image = self.loader(path)
             except DECODE_ERRORS as exc:
@@ -83,7 +92,7 @@ class ImageFolderSplit(ImageFolder):
                 image = self.transform(image)
             if self.target_transform is not None:
                 target = self.target_transform(target)
-            return image, target
+            return image, target, used
         raise DataError(self.root, f"{MAX_CONSECUTIVE_BAD + 1} image files in a row, from "
                                    f"{self.samples[index][0]} on, cannot be decoded; is the data set intact?")
 
@@ -105,6 +114,29 @@ def read_split(root: Path, split: str, transform: Callable | None = None, on_bad
         if unknown:
             raise DataError(directory, f"class folders {unknown[:5]}{' ...' if len(unknown) > 5 else ''} "
                                        f"({len(unknown)} in all) are not among the training classes", hint)
+    return _open_folder(directory, transform, on_bad_image, class_to_idx, hint)
+
+
+def read_class_subset(directory: Path, class_of: dict[str, int], transform: Callable | None = None,
+                      on_bad_image: str = "skip", hint: str | None = None,
+                      require_all: bool = True) -> ImageFolderSplit:
+    """The class folders of `directory` that `class_of` names (folder name -> class index; several
+    folders may share a class), every other folder ignored: a subset of ImageNet's classes
+    regrouped into fewer classes. With `require_all`, every named folder must be there; without,
+    those present are read (at least one must be)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(directory, "not found; expected class folders <wnid>/<image>", hint)
+    present = {name: index for name, index in class_of.items() if (directory / name).is_dir()}
+    missing = sorted(set(class_of) - set(present))
+    if not present or (require_all and missing):
+        raise DataError(directory, f"lacks {len(missing)} of the {len(class_of)} class folders the task reads "
+                                   f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})", hint)
+    return _open_folder(directory, transform, on_bad_image, present, hint)
+
+
+def _open_folder(directory: Path, transform: Callable | None, on_bad_image: str,
+                 class_to_idx: dict[str, int] | None, hint: str | None) -> ImageFolderSplit:
     try:
         return ImageFolderSplit(directory, transform, on_bad_image, class_to_idx)
     except FileNotFoundError as exc:  # a class folder without one file of an image extension

@@ -3,8 +3,9 @@
 Data: the official class-folder layout, `<task.data.root>/{train,val}/<wnid>/*.JPEG`, read by
 projbench/data/image_folder.py (torchvision's ImageFolder, checked before training; unreadable
 files skipped or raised per `task.data.on_bad_image`). Transforms are timm's `create_transform`:
-train = random-resized crop + horizontal flip, eval = resize to image_size / crop_pct (256 for
-224) and centre crop. `task.data.fixture=true` writes a tiny tree in the same layout (rank 0,
+train = random-resized crop + horizontal flip (+ colour jitter with `task.data.color_jitter`, and
+AlexNet's PCA lighting noise before normalisation with `task.data.lighting`, as the CutMix
+recipe), eval = resize to image_size / crop_pct (256 for 224) and centre crop. `task.data.fixture=true` writes a tiny tree in the same layout (rank 0,
 once, under `task.data.fixture_root`) and reads it through the same reader.
 
 Model, loss and metrics are ClassificationTask's (a timm model, cross-entropy with optional
@@ -16,15 +17,17 @@ folders under train/, checked against `task.num_classes` on real data.
 
 from __future__ import annotations
 
-
 import torch
+from omegaconf import DictConfig
 from timm.data import Mixup, create_transform
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import Compose, Normalize
 
 from projbench.data.fixtures import write_imagenet_fixture
 from projbench.data.image_folder import ON_BAD_IMAGE, ImageFolderSplit, read_split
+from projbench.data.transforms import PCALighting
 from projbench.distributed import DistInfo
 from projbench.errors import ConfigError, DataError
 from projbench.tasks.classification import ClassificationTask
@@ -34,6 +37,23 @@ FIXTURE = dict(classes=4, train_per_class=24, val_per_class=8, size=64)
 HINT = ("Prepare ImageNet-1k in that layout (train/<wnid>/*.JPEG and val/<wnid>/*.JPEG; the official "
         "val archive is flat and must be sorted into class folders) and set task.data.root=/path/to/imagenet "
         "(or paths.data_dir=<dir holding imagenet/>), or set task.data.fixture=true for a tiny stand-in")
+
+
+def imagenet_transforms(data: DictConfig):
+    """(train, eval) transforms from timm for `task.data`'s image_size, crop_scale, hflip,
+    color_jitter, interpolation and crop_pct: random-resized crop + flip (+ colour jitter, + PCA
+    lighting with `lighting` > 0 on the [0, 1] tensor just before normalisation); resize + centre
+    crop."""
+    size, interpolation = int(data.image_size), str(data.interpolation)
+    train = create_transform(size, is_training=True, scale=tuple(data.crop_scale), hflip=float(data.hflip),
+                             color_jitter=data.color_jitter, interpolation=interpolation)
+    lighting = float(data.get("lighting") or 0.0)
+    if lighting:
+        steps = list(train.transforms)
+        at = next(i for i, step in enumerate(steps) if isinstance(step, Normalize))
+        train = Compose(steps[:at] + [PCALighting(lighting)] + steps[at:])
+    evaluation = create_transform(size, is_training=False, crop_pct=float(data.crop_pct), interpolation=interpolation)
+    return train, evaluation
 
 
 class ImageNetTask(ClassificationTask):
@@ -49,7 +69,7 @@ class ImageNetTask(ClassificationTask):
             raise ConfigError("task.data.on_bad_image",
                               f"got {data.on_bad_image!r}; choose one of {list(ON_BAD_IMAGE)}")
         root = self.prepare_fixture(dist, lambda tmp: write_imagenet_fixture(tmp, **FIXTURE))
-        train_tf, eval_tf = self.transforms()
+        train_tf, eval_tf = imagenet_transforms(data)
         train = read_split(root, "train", train_tf, data.on_bad_image, hint=HINT)
         val = read_split(root, "val", eval_tf, data.on_bad_image, train.class_to_idx, HINT)
         expected = self.cfg.get("num_classes")
@@ -64,16 +84,6 @@ class ImageNetTask(ClassificationTask):
             self._mixup = Mixup(mixup_alpha=0.0, cutmix_alpha=float(self.cfg.cutmix_alpha),
                                 prob=float(self.cfg.cutmix_prob), mode="batch",
                                 label_smoothing=float(self.cfg.label_smoothing), num_classes=self.num_classes)
-
-    def transforms(self):
-        """(train, eval) transforms from timm: random-resized crop + flip; resize + centre crop."""
-        data = self.cfg.data
-        size, interpolation = int(data.image_size), str(data.interpolation)
-        train = create_transform(size, is_training=True, scale=tuple(data.crop_scale), hflip=float(data.hflip),
-                                 color_jitter=data.color_jitter, interpolation=interpolation)
-        evaluation = create_transform(size, is_training=False, crop_pct=float(data.crop_pct),
-                                      interpolation=interpolation)
-        return train, evaluation
 
     @property
     def num_classes(self) -> int:
