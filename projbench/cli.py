@@ -6,7 +6,7 @@
 - `run(cfg)`: per run, checks the command line's values against the types of their defaults,
   trains, and turns the outcome
   into a log and an exit code (2 bad input, 1 a failed run, 128 + the signal for an interrupted
-  one), or, in a sweep, into the cell's record (projbench/sweep.py).
+  one), or, in a sweep, into the cell's record (projbench/sweep_report.py).
 """
 
 from __future__ import annotations
@@ -134,15 +134,15 @@ def run(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from projbench import sweep
+    from projbench import sweep_report
     from projbench.rundir import record_failure
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     STOP.install()  # for the whole process: a sweep's later cells see an earlier signal
-    if multirun and sweep.stopping(hydra_cfg.sweep.dir):
-        sweep.note_outcome("not started", "the sweep was stopping")
+    if multirun and sweep_report.stopping(hydra_cfg.sweep.dir):
+        sweep_report.note_outcome("not started", "the sweep was stopping")
         return None
     try:
         prepare(cfg)
@@ -173,16 +173,16 @@ def run(cfg: DictConfig) -> float | None:
             raise  # a second Ctrl-C stops the sweep at once
         if status == "failed":
             record_failure(run_dir, cfg, message)  # unless the directory holds a run (then it is recorded there)
-        sweep.note_outcome(status, message)
+        sweep_report.note_outcome(status, message)
         return None
     if summary.get("skipped"):
         # Printed, not logged: a completed run's directory (its log file included) stays untouched.
         print(f"{run_dir}: already completed at step {summary.get('steps')}; nothing to do (overwrite=true trains "
               "it again)", file=sys.stderr)
-        sweep.note_outcome("skipped")
+        sweep_report.note_outcome("skipped")
     else:
         report(summary, run_dir)
-        sweep.note_outcome("completed")
+        sweep_report.note_outcome("completed")
     primary = summary.get("primary_metric")
     for split in ("test", "val"):
         entry = (summary.get("metrics") or {}).get(f"{split}/{primary}")
