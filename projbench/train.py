@@ -17,7 +17,7 @@ import logging
 import random
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -144,11 +144,13 @@ class Trainer:
     plan: PhasePlan  # trainer.phases
     step: int = 0
     phase: int = 0  # the index in `plan` of the phase in force
+    monitor: diagnostics.ScaleInvariance = field(init=False)  # weight norms, effective steps
     rundir: RunDirectory | None = None  # holds the directory's lock while the run lives
     loss_window: LossWindow | None = None
     stop: StopPoll | None = None  # asked after every step whether a stop signal arrived
 
-    def __post_init__(self) -> None:
+    def __post_init__(self):
+        self.monitor = diagnostics.ScaleInvariance(self.cfg.trainer.diagnostics_every)
         # Defaults for a Trainer built by hand (scripts/bench_train.py): no lock, one process.
         self.rundir = self.rundir or RunDirectory(self.run_dir)
         self.loss_window = self.loss_window or LossWindow(self.device)
@@ -172,6 +174,7 @@ class Trainer:
             "rng": _rng_state(),
             "wall_seconds": self.recorder.wall_seconds(),
             "loss_window": self.loss_window.state_dict(),
+            "monitor": self.monitor.state_dict(self.optimizer),
             "task": task_state,
             "phase": self.phase,
             "select_best": self.selector.state_dict(),
@@ -194,6 +197,8 @@ class Trainer:
         self.recorder.wall_offset = float(state["wall_seconds"])
         if "loss_window" in state:
             self.loss_window.load_state_dict(state["loss_window"])
+        if "monitor" in state:  # the fixed set of scale-invariant weights, as classified before
+            self.monitor.load_state_dict(state["monitor"], self.optimizer)
         self.selector.load_state_dict(state.get("select_best"))
         self.step = int(state["step"])
         return self.step
@@ -301,8 +306,7 @@ class Trainer:
             if tr.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
-            diag_due = bool(tr.diagnostics_every) and (self.step + 1) % tr.diagnostics_every == 0
-            detected = diagnostics.detect(self.optimizer) if diag_due else None
+            pending = self.monitor.before_step(self.optimizer, self.step + 1)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.step += 1
@@ -310,10 +314,8 @@ class Trainer:
             bad_step = torch.where(torch.isfinite(loss) | (bad_step >= 0), bad_step, self.step)
             window.add(loss)
 
-            if diag_due:
-                values = diagnostics.scale_invariance(self.optimizer, detected)
-                if values:
-                    self.recorder.log("diag", values, self.step, self.epoch)
+            if values := self.monitor.after_step(self.optimizer, pending):
+                self.recorder.log("diag", values, self.step, self.epoch)
             self.optimizer.zero_grad(set_to_none=True)
             with warnings.catch_warnings():
                 # GradScaler skips optimizer.step() on a step with inf/NaN gradients (the first few
@@ -470,6 +472,7 @@ def _run(trainer: Trainer) -> dict:
         trainer.fit()
         selection = trainer.evaluate_selected()
     except BaseException as exc:
+        extra["scale_invariant"] = trainer.monitor.summary()
         status = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
         error = str(exc) or type(exc).__name__
         if isinstance(exc, KeyboardInterrupt):
@@ -482,6 +485,7 @@ def _run(trainer: Trainer) -> dict:
         raise
     if selection is not None:
         extra["selection"] = selection
+    extra["scale_invariant"] = trainer.monitor.summary()  # the share of the model SGDP / AdamP act on
     if trainer.dist.is_main:
         history = trainer.recorder.history()
         extra["derived"] = trainer.task.summarize(history)
