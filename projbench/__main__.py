@@ -11,8 +11,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import InterpolationResolutionError
 
-from projbench.errors import NonFiniteLossError, UserError
+from projbench.errors import NonFiniteLossError, UserError, raised_user_error
 
 log = logging.getLogger("projbench")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -27,11 +28,12 @@ def main(cfg: DictConfig) -> float | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         summary = train(cfg, run_dir)
-    except UserError as exc:
+    except (UserError, InterpolationResolutionError) as exc:
         # Bad input: one line, exit code 2, no traceback (HYDRA_FULL_ERROR=1 shows it).
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        user_error = raised_user_error(exc)
+        if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -12,8 +12,9 @@ from torch import nn
 from projbench.errors import ConfigError
 
 # Keys of conf/optim/*.yaml that are ours, not the optimizer's arguments (`sources`: where each
-# recipe value comes from, as a task yaml may write beside optim.lr).
-_META_KEYS = ("name", "_target_", "no_decay_bias_norm", "sources")
+# recipe value comes from, as a task yaml may write beside optim.lr; `recipe_as`: which entry of a
+# task's per-optimizer recipe an optimizer without one of its own takes, projbench/config.py).
+_META_KEYS = ("name", "_target_", "no_decay_bias_norm", "sources", "recipe_as")
 
 
 def param_groups(model: nn.Module, no_decay_bias_norm: bool, extra_groups: Iterable[dict] = ()) -> list[dict]:
