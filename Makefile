@@ -1,12 +1,14 @@
 # make run   - create .venv if needed, install, run the default experiment (task=digits optim=sgdp)
 # make test  - create .venv if needed, install, run the test suite (CPU only, < 10 minutes on 2 cores)
+# make results - create .venv if needed, install, run the toy and digits sweeps afresh (CPU is enough) and
+#              rebuild results/tables/{toy,digits}.{md,tex,csv} and their figures in results/figures/
 # Extra arguments: make run ARGS="task=toy optim=sgd"   make test PYTEST_ARGS="-k optim"
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test bench device-wheels clean
+.PHONY: install run test results bench device-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +22,15 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The runs behind the committed tables: removed and redone by every `make results`.
+RESULTS_RUNS := outputs/results
+results: $(STAMP)
+	rm -rf $(RESULTS_RUNS) results/figures/toy_* results/figures/digits_*
+	$(BIN)/python -m projbench -m +experiment=toy hydra.sweep.dir=$(RESULTS_RUNS)/toy
+	$(BIN)/python -m projbench -m +experiment=digits logger=none trainer.progress=false hydra/launcher=basic \
+		hydra.sweep.dir=$(RESULTS_RUNS)/digits
+	$(BIN)/python -m projbench.tables --runs $(RESULTS_RUNS) --table toy digits --format md latex csv --out results
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_optim.py --out results/bench_optim.md

@@ -44,6 +44,12 @@ def main(cfg: DictConfig) -> float | None:
     for key, entry in summary["metrics"].items():
         best = f" (best {entry['best']:.6g} at step {entry['best_step']})" if "best" in entry else ""
         log.info("%s = %.6g%s", key, entry["final"], best)
+    selection = summary.get("selection")
+    if selection and selection["step"] is not None:
+        log.info("selected on %s: the model of step %d (%s %.6g)", selection["metric"], selection["step"],
+                 selection["metric"], selection["value"])
+        for key, value in selection["metrics"].items():
+            log.info("  %s = %.6g (selected model)", key, value)
     for key, value in summary.get("derived", {}).items():
         log.info("%s = %s", key, f"{value:.6g}" if isinstance(value, float) else value)
     log.info("run directory: %s", run_dir)

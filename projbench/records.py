@@ -2,7 +2,9 @@
 
 metrics.jsonl holds one JSON object per logged point: {"step", "epoch", "split", "name", "value"}.
 summary.json holds the run's identity (task, optim, seed, model), its final and best metrics with
-their direction, and how it ran (steps, wall seconds, git commit, torch version, device, status).
+their direction (best: over the run's evaluations, with its step and epoch), the model chosen on a
+validation split when trainer.select_best is on ("selection"), and how it ran (steps, wall
+seconds, git commit, torch version, device, status).
 Only rank 0 writes.
 """
 
@@ -41,6 +43,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+# summary.json's keys copied into the W&B run's summary when the run ends.
+WANDB_SUMMARY_KEYS = ("status", "seed", "model", "metrics", "selection", "wall_seconds", "world_size", "device")
 
 
 class WandbLogger:
@@ -83,7 +89,8 @@ class WandbLogger:
         if self.run is None:
             return
         try:
-            self.run.summary.update({"status": summary["status"]})
+            # What projbench.tables needs to build a table from W&B alone (runs_from_wandb).
+            self.run.summary.update({key: summary[key] for key in WANDB_SUMMARY_KEYS if key in summary})
             self.run.finish(exit_code=0 if summary["status"] == "completed" else 1)
         except Exception as exc:  # noqa: BLE001
             self._warn(f"W&B finish failed ({exc})")
@@ -102,7 +109,7 @@ class RunRecorder:
         self.wall_offset = 0.0  # seconds spent before a resume (restored from the checkpoint)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.final: dict[str, float] = {}
-        self.best: dict[str, tuple[float, int]] = {}
+        self.best: dict[str, tuple[float, int, float]] = {}  # key -> (value, step, epoch)
         self.wandb = None
         if not enabled:
             return
@@ -139,9 +146,9 @@ class RunRecorder:
         for line in kept:
             point = json.loads(line)
             if point["split"] != "train":
-                self._track(f"{point['split']}/{point['name']}", point["value"], point["step"])
+                self._track(f"{point['split']}/{point['name']}", point["value"], point["step"], point["epoch"])
 
-    def _track(self, key: str, value: float, step: int) -> None:
+    def _track(self, key: str, value: float, step: int, epoch: float) -> None:
         self.final[key] = value
         name = key.split("/", 1)[1]
         direction = self.directions.get(name)
@@ -150,7 +157,7 @@ class RunRecorder:
         best = self.best.get(key)
         better = best is None or (value > best[0] if direction == "max" else value < best[0])
         if better:
-            self.best[key] = (value, step)
+            self.best[key] = (value, step, round(epoch, 4))
 
     def log(self, split: str, values: dict[str, float], step: int, epoch: float) -> None:
         if not self.enabled:
@@ -160,9 +167,16 @@ class RunRecorder:
                 f.write(json.dumps({"step": step, "epoch": round(epoch, 4), "split": split,
                                     "name": name, "value": value}) + "\n")
                 if split != "train":
-                    self._track(f"{split}/{name}", value, step)
+                    self._track(f"{split}/{name}", value, step, epoch)
         if self.wandb is not None:
             self.wandb.log({f"{split}/{k}": v for k, v in values.items()}, step=step)
+
+    def log_selection(self, selection: dict, step: int) -> None:
+        """The metrics of the model trainer.select_best kept (projbench/selection.py), to W&B as
+        selected/<split>/<name>; summary.json holds them under "selection". metrics.jsonl keeps
+        the points of the model being trained only."""
+        if self.enabled and self.wandb is not None and selection["metrics"]:
+            self.wandb.log({f"selected/{k}": v for k, v in selection["metrics"].items()}, step=step)
 
     def write_summary(self, *, status: str, steps: int, epoch: float, device: str, world_size: int,
                       model: str, extra: dict | None = None, error: str | None = None) -> dict:
@@ -171,7 +185,7 @@ class RunRecorder:
             name = key.split("/", 1)[1]
             entry = {"final": value, "direction": self.directions.get(name)}
             if key in self.best:
-                entry["best"], entry["best_step"] = self.best[key]
+                entry["best"], entry["best_step"], entry["best_epoch"] = self.best[key]
             metrics[key] = entry
         summary = {
             "task": self.cfg.task.name,

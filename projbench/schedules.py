@@ -62,8 +62,10 @@ def lr_multiplier(cfg: DictConfig, epoch: float, total_epochs: float) -> float:
     return base
 
 
-def build_scheduler(cfg: DictConfig, optimizer: Optimizer, steps_per_epoch: int, total_steps: int) -> LambdaLR:
-    """A per-step LambdaLR following `cfg` (trainer.schedule)."""
+def build_scheduler(cfg: DictConfig, optimizer: Optimizer, steps_per_epoch: int, total_steps: int,
+                    start_step: int = 0) -> LambdaLR:
+    """A per-step LambdaLR following `cfg` (trainer.schedule). `start_step`: the run's step at
+    which this optimizer starts (projbench/phases.py), so the schedule stays on the run's axis."""
     validate_schedule(cfg)
     total_epochs = total_steps / steps_per_epoch
-    return LambdaLR(optimizer, lambda step: lr_multiplier(cfg, step / steps_per_epoch, total_epochs))
+    return LambdaLR(optimizer, lambda step: lr_multiplier(cfg, (start_step + step) / steps_per_epoch, total_epochs))

@@ -6,7 +6,9 @@ It knows nothing about the task beyond projbench.tasks.base.Task, and nothing ab
 beyond torch.optim.Optimizer. Per step it does what a bare PyTorch loop does (forward, backward,
 optimizer step, scheduler step) plus two tiny device-side ops that remember the first non-finite
 loss; it reads values on the host only every `log_every` steps, at evaluations, diagnostics and
-checkpoints.
+checkpoints. Three hooks live in their own modules: parameters a task freezes for an epoch
+(freezing.py, between backward and step), the model kept on a validation metric (selection.py,
+after each evaluation and at the end) and optimizer phases (phases.py, before a step).
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ from tqdm import tqdm
 from projbench import diagnostics
 from projbench.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from projbench.errors import ConfigError, NonFiniteLossError
+from projbench.freezing import ParameterFreezer
 from projbench.optim import build_optimizer
 from projbench.optim.factory import check_optim_config
+from projbench.phases import PhasePlan, new_optimizer_schedule, set_base_lr
 from projbench.records import RunRecorder
 from projbench.schedules import build_scheduler, validate_schedule
+from projbench.selection import BestCheckpoint
 from projbench.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -133,7 +138,11 @@ class Trainer:
     steps_per_epoch: int
     total_steps: int
     recorder: RunRecorder
+    freezer: ParameterFreezer
+    selector: BestCheckpoint  # trainer.select_best
+    plan: PhasePlan  # trainer.phases
     step: int = 0
+    phase: int = 0  # the index in `plan` of the phase in force
 
     @property
     def epoch(self) -> float:
@@ -153,6 +162,8 @@ class Trainer:
             "rng": _rng_state(),
             "wall_seconds": self.recorder.wall_seconds(),
             "task": task_state,
+            "phase": self.phase,
+            "select_best": self.selector.state_dict(),
         }
         path = self.run_dir / CHECKPOINT
         tmp = path.with_suffix(".tmp")
@@ -162,26 +173,73 @@ class Trainer:
     def load_checkpoint(self, state: dict) -> int:
         """Restore everything `save_checkpoint` wrote (`state`: the loaded checkpoint)."""
         self.model.load_state_dict(state["model"])
+        self.phase = int(state.get("phase", 0))
+        phase = self.plan.optimizer_phase(self.phase)
+        if phase is not None:  # the optimizer in force then, before its state is loaded
+            self.optimizer, self.scheduler = new_optimizer_schedule(
+                phase, self.cfg.trainer.schedule, self._build_optimizer, self.steps_per_epoch, self.total_steps)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.task.load_state_dict(state.get("task", {}))
         _set_rng_state(state["rng"])
         self.recorder.wall_offset = float(state["wall_seconds"])
+        self.selector.load_state_dict(state.get("select_best"))
         self.step = int(state["step"])
         return self.step
 
+    # -- phases (projbench/phases.py) ----------------------------------------------------------
+    def _build_optimizer(self, optim_cfg: DictConfig) -> torch.optim.Optimizer:
+        return build_optimizer(optim_cfg, self.model, self.task.optimizer_groups(self.model))
+
+    def _enter_phases(self) -> None:
+        """Start the phases of trainer.phases whose first step comes next."""
+        while self.phase < self.plan.index_at(self.step):
+            self.phase += 1
+            phase = self.plan.phases[self.phase - 1]
+            if phase.reload_best:
+                self.selector.load_into(self.model)
+            if phase.optim is not None:
+                self.optimizer, self.scheduler = new_optimizer_schedule(
+                    phase, self.cfg.trainer.schedule, self._build_optimizer, self.steps_per_epoch, self.total_steps)
+            else:
+                set_base_lr(self.scheduler, phase.lr)
+            log.info("phase %s from step %d: %s, lr %.3g%s", phase.name, self.step, type(self.optimizer).__name__,
+                     self.optimizer.param_groups[0]["lr"], ", from the best model" if phase.reload_best else "")
+
     # -- the loop ------------------------------------------------------------------------------
-    def evaluate(self, loaders: dict | None = None) -> dict[str, dict[str, float]]:
-        """Evaluate on `loaders` (default: the task's eval loaders) and log under their names."""
+    def evaluate(self, loaders: dict | None = None, record: bool = True) -> dict[str, dict[str, float]]:
+        """Evaluate on `loaders` (default: the task's eval loaders) and log under their names
+        (`record=False`: only return the metrics)."""
         self.model.eval()
         results = {}
         with torch.no_grad(), self._autocast():
             for split, loader in (self.eval_loaders if loaders is None else loaders).items():
                 results[split] = self.task.evaluate(self.model, loader, self.device)
-                self.recorder.log(split, results[split], self.step, self.epoch)
+                if record:
+                    self.recorder.log(split, results[split], self.step, self.epoch)
         self.model.train()
         return results
+
+    def evaluate_selected(self) -> dict | None:
+        """trainer.select_best: the kept model's metrics on every evaluation split and the task's
+        final protocol, for summary.json's "selection" (None when selection is off). When the kept
+        model is the final one these are its logged metrics; otherwise it is loaded into
+        `self.model` and evaluated."""
+        if not self.selector.enabled:
+            return None
+        loaders = {**self.eval_loaders, **self._final_eval_loaders()}
+        chosen = self.selector.chosen
+        if chosen is not None and chosen.step == self.step:  # the final model: its last logged metrics
+            metrics = {key: value for key, value in self.recorder.final.items() if key.split("/")[0] in loaders}
+        elif self.selector.load_into(self.model):
+            metrics = {f"{split}/{name}": value for split, values in self.evaluate(loaders, record=False).items()
+                       for name, value in values.items()}
+        else:
+            metrics = {}
+        selection = self.selector.summary(metrics)
+        self.recorder.log_selection(selection, self.step)
+        return selection
 
     def _autocast(self):
         dtype = AUTOCAST_DTYPES[str(self.cfg.trainer.precision)]
@@ -222,10 +280,12 @@ class Trainer:
         self.train_model.train()
         batches = self._batches()
         while self.step < self.total_steps:
+            self._enter_phases()
             batch = to_device(next(batches), self.device, tr.channels_last)
             with self._autocast():
                 loss = self.task.training_loss(self.train_model, batch)
             self.scaler.scale(loss).backward()
+            self.freezer.drop_grads(self.step)
             if tr.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
@@ -264,17 +324,19 @@ class Trainer:
                 losses_in_window, window_start = 0, time.perf_counter()
             bar.update(1)
             if self.step % eval_every == 0 or last:
-                self.evaluate()
+                self.selector.observe(self.evaluate(), self.step, self.epoch, self.model)
             if self.step % tr.ckpt_every == 0 or last:
                 self._check_finite(bad_step, loss_sum)
                 self.save_checkpoint()
         bar.close()
         # the task's final evaluation protocol, if it has one: once, also when a resumed run had done its steps
-        per_rank = int(self.cfg.task.data.batch_size) // self.dist.world_size
-        final_loaders = self.task.final_eval_loaders(per_rank, self.dist)
+        final_loaders = self._final_eval_loaders()
         if final_loaders:
             self.evaluate(final_loaders)
         return self.recorder.final
+
+    def _final_eval_loaders(self) -> dict:
+        return self.task.final_eval_loaders(int(self.cfg.task.data.batch_size) // self.dist.world_size, self.dist)
 
     def _check_finite(self, bad_step: torch.Tensor, loss_sum: torch.Tensor) -> None:
         step = int(bad_step.item())
@@ -321,6 +383,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     total = int(tr.max_steps) if tr.max_steps is not None else int(tr.max_epochs) * steps_per_epoch
     scheduler = build_scheduler(tr.schedule, optimizer, steps_per_epoch, total)
     scaler = torch.amp.GradScaler(device.type, enabled=str(tr.precision) == "fp16")
+    selector = BestCheckpoint(tr.get("select_best"), task.metrics, list(eval_loaders))
+    plan = PhasePlan(tr.get("phases"), steps_per_epoch, total, selecting=selector.enabled)
 
     train_model = model
     if dist.enabled:
@@ -335,7 +399,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     resume_step = int(state["step"]) if state is not None else None
     recorder = RunRecorder(run_dir, cfg, task.metrics, enabled=dist.is_main, resume_step=resume_step)
     trainer = Trainer(cfg, run_dir, dist, device, task, model, train_model, optimizer, scheduler, scaler,
-                      train_loader, eval_loaders, steps_per_epoch, total, recorder)
+                      train_loader, eval_loaders, steps_per_epoch, total, recorder,
+                      ParameterFreezer(task, model, steps_per_epoch), selector, plan)
     if state is not None:
         trainer.load_checkpoint(state)
         log.info("resumed from %s at step %d", ckpt, trainer.step)
@@ -352,10 +417,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     trainer.recorder.write_summary(status="running", steps=trainer.step, epoch=trainer.epoch, extra=extra, **common)
     try:
         trainer.fit()
+        selection = trainer.evaluate_selected()
     except BaseException as exc:
         trainer.recorder.write_summary(status="failed", steps=trainer.step, epoch=trainer.epoch,
                                        extra=extra, error=str(exc) or type(exc).__name__, **common)
         raise
+    if selection is not None:
+        extra["selection"] = selection
     if trainer.dist.is_main:
         history = trainer.recorder.history()
         extra["derived"] = trainer.task.summarize(history)

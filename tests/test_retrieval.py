@@ -23,7 +23,7 @@ from projbench.errors import DataError
 from projbench.optim import build_optimizer
 from projbench.tasks.retrieval import (FIXTURE, ClassBalancedSampler, RetrievalTask, load_trunk_weights,
                                        recall_at_k)
-from projbench.train import train
+from projbench.train import build_trainer, train
 
 LAYOUTS = sorted(READERS)
 CLASSES, PER_CLASS = FIXTURE["classes"], FIXTURE["per_class"]
@@ -193,6 +193,23 @@ def test_class_balanced_batches_hold_whole_classes_and_resume_exactly():
             assert all(batch.count(c) == 4 for c in batch)
 
 
+def test_triplet_batches_are_shuffled_images_as_the_upstream_baseline(data_dir):
+    """The Proxy-Anchor code trains its triplet baseline on random batches (no --IPC): every
+    training image once an epoch, in a random order; m_per_class still asks for balanced ones."""
+    cfg = retrieval_cfg(data_dir, "task/loss=triplet")
+    assert cfg.task.loss.m_per_class is None and cfg.task.loss.sources.m_per_class
+    task = RetrievalTask(cfg.task)
+    task.setup(DistInfo())
+    sampler = task.train_loader(24, DistInfo(), seed=0).sampler
+    assert not isinstance(sampler, ClassBalancedSampler)
+    sampler.set_epoch(1)
+    order = list(sampler)
+    assert sorted(order) == list(range(CLASSES // 2 * PER_CLASS)) and order != sorted(order)
+    task = RetrievalTask(retrieval_cfg(data_dir, "task/loss=triplet", "task.loss.m_per_class=4").task)
+    task.setup(DistInfo())
+    assert isinstance(task.train_loader(24, DistInfo(), seed=0).sampler, ClassBalancedSampler)
+
+
 # -- model and optimizer ----------------------------------------------------------------------
 def test_proxies_get_their_own_lr_group(data_dir):
     cfg = retrieval_cfg(data_dir, "optim=adamp", "optim.lr=2e-4")
@@ -246,6 +263,29 @@ def test_pretrained_trunk_weights_load_from_a_local_file(data_dir, tmp_path):
         load_trunk_weights(trunk, tmp_path / "other.pth")
 
 
+def test_head_only_epochs_train_the_embedding_and_proxies_and_leave_the_trunk(data_dir, tmp_path):
+    """Proxy-Anchor's --warm: in the first epoch only the embedding layer and the proxies move;
+    the trunk keeps its weights exactly (AdamP's weight decay included; its BatchNorm statistics
+    are frozen on CUB) and trains from the second epoch on."""
+    cfg = retrieval_cfg(data_dir, "optim=adamp", "optim.lr=1e-3", "task.data.batch_size=24",
+                        "trainer.max_epochs=2", "task.model.head_only_epochs=1", "trainer.ckpt_every=1000")
+    assert make_cfg(["task=cub"]).task.model.head_only_epochs == 5
+    assert make_cfg(["task=sop"]).task.model.head_only_epochs == 1
+    trainer = build_trainer(cfg, tmp_path / "run")
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trunk = [k for k in start if k.startswith("trunk.")]
+    head = ["embedding.weight", "embedding.bias", "criterion.proxies"]
+    trainer.total_steps = trainer.steps_per_epoch      # the first epoch
+    trainer.fit()
+    now = trainer.model.state_dict()
+    assert all(torch.equal(start[k], now[k]) for k in trunk)
+    assert not any(torch.equal(start[k], now[k]) for k in head)
+    trainer.total_steps = 2 * trainer.steps_per_epoch  # the second
+    trainer.fit()
+    now = trainer.model.state_dict()
+    assert not all(torch.equal(start[k], now[k]) for k in trunk if k.endswith("weight"))
+
+
 # -- training ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("task_name,loss", [("cub", "triplet"), ("cars196", "proxyanchor")])
 def test_a_few_steps_of_fine_tuning_learn_and_retrieve_above_chance(task_name, loss, data_dir, tmp_path):
@@ -272,7 +312,7 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(data_dir, tmp_path):
     """ProxyAnchor: the proxies and their optimizer state come back from the checkpoint, and the
     shuffled batches and their augmentations continue where they stopped (step 3 of 2-step epochs)."""
     common = ["task.data.batch_size=24", "trainer.schedule.name=constant", "trainer.log_every=1",
-              "trainer.eval_every=3", "trainer.ckpt_every=3", "optim=adamp"]
+              "trainer.eval_every=3", "trainer.ckpt_every=3", "optim=adamp", "task.model.head_only_epochs=1"]
 
     def losses(run: Path) -> list[float]:
         points = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -10,6 +10,7 @@ A task owns its data, model, loss and metrics; it never sees the optimizer or th
     eval_loaders = task.eval_loaders(batch_size, dist)      # {"val": ..., "test": ...}
     loss = task.training_loss(model, batch)                 # per step, on the device
     metrics = task.evaluate(model, loader, device)          # {"top1": 97.1, ...}, reduced over ranks
+    frozen = task.frozen_parameters(model, epoch)           # optional: no step for these this epoch
     state = task.state_dict()                               # in every checkpoint; task.load_state_dict(state) on resume
     final_loaders = task.final_eval_loaders(batch_size, dist)  # optional: evaluated once after the last step
     extra = task.summarize(history)                         # optional derived summary values
@@ -87,6 +88,13 @@ class Task(ABC):
 
     def optimizer_groups(self, model: nn.Module) -> list[dict]:
         """Extra parameter groups with their own settings (e.g. loss proxies with their own lr)."""
+        return []
+
+    def frozen_parameters(self, model: nn.Module, epoch: int) -> list[nn.Parameter]:
+        """Parameters that take no optimizer step during `epoch` (counted from 0), e.g. a pretrained
+        trunk while a new head warms up. The loop drops their gradients before each step of that
+        epoch (projbench/freezing.py), so the optimizer skips them: no update, no weight decay, no
+        moment. Default: none."""
         return []
 
     def final_eval_loaders(self, batch_size: int, dist: DistInfo) -> dict[str, DataLoader]:

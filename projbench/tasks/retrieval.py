@@ -243,6 +243,8 @@ class RetrievalTask(Task):
         if cfg.data.layout not in READERS:
             raise ConfigError("task.data.layout",
                               f"unknown layout {cfg.data.layout!r}; choose one of {sorted(READERS)}")
+        if cfg.model.head_only_epochs < 0:
+            raise ConfigError("task.model.head_only_epochs", f"must be >= 0, got {cfg.model.head_only_epochs}")
         self.splits: dict[str, list[Sample]] = {}
         self.train_classes: list[int] = []
 
@@ -304,6 +306,16 @@ class RetrievalTask(Task):
         if not params:
             return []
         return [{"params": params, "lr": float(self.cfg.loss.base_lr) * float(self.cfg.loss.proxy_lr_scale)}]
+
+    def frozen_parameters(self, model: nn.Module, epoch: int) -> list[nn.Parameter]:
+        """During the first `task.model.head_only_epochs` epochs only the embedding layer and the
+        loss's proxies train; the trunk (BatchNorm weights included) takes no step, as the
+        Proxy-Anchor code's `--warm` epochs (its train.py turns requires_grad off for everything
+        else). Frozen BatchNorm statistics are `task.model.freeze_bn`'s business, in every epoch."""
+        if epoch >= int(self.cfg.model.head_only_epochs):
+            return []
+        head = {id(p) for p in (*model.embedding.parameters(), *model.criterion.parameters())}
+        return [p for p in model.parameters() if id(p) not in head]
 
     def training_loss(self, model: nn.Module, batch) -> torch.Tensor:
         images, labels = batch
