@@ -7,6 +7,11 @@ metric on its evaluation split. One line per optimizer setting, averaged over se
 
 A task can add its own comparison figures: register a function in TASK_FIGURES (see
 `register_task_figure`); the toy's trajectory plot is plugged in that way.
+
+When the runs of a (task, model) hold at least two optimizers each with a projected version
+(SGD and SGDP, Adam and AdamP, any `<name>` and `<name>_p`: the tables' `base:` pairs), a second
+figure <task>_<model>_pairs.png gives each such optimizer a panel of its own: the weight norm of
+its scale-invariant weights per epoch beside its projected versions'.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ History = list[dict]
 TaskFigure = Callable[[dict[str, list[History]], Path, str], list[Path]]
 TASK_FIGURES: dict[str, TaskFigure] = {}
 OPTIM_ORDER = ["sgd", "sgdp", "adam", "adamw", "adamp"]
+# Projected optimizers whose name does not end in `_p`, and their base candidates (first present wins).
+PROJECTED_BASES = {"sgdp": ("sgd",), "adamp": ("adam", "adamw")}
 # Overrides that never tell settings apart in a legend (the optimizer's name leads every label).
 IGNORED_OVERRIDES = {"seed", "optim", "experiment", "trainer.progress"}
 IGNORED_PREFIXES = ("hydra", "logger", "paths")
@@ -147,6 +154,52 @@ def _sort_key(label: str) -> tuple[int, str]:
     return (OPTIM_ORDER.index(name) if name in OPTIM_ORDER else len(OPTIM_ORDER), label)
 
 
+def projection_pairs(labels: list[str]) -> dict[str, list[str]]:
+    """base optimizer -> its projected versions, among curve `labels` that are bare optimizer
+    names (labels with overrides are settings of their own, not pairs)."""
+    pairs: dict[str, list[str]] = defaultdict(list)
+    for label in labels:
+        bases = PROJECTED_BASES.get(label) or ((label.removesuffix("_p"),) if label.endswith("_p") else ())
+        base = next((b for b in bases if b in labels), None)
+        if base is not None:
+            pairs[base].append(label)
+    return dict(pairs)
+
+
+def plot_projection_pairs(curves: dict[str, list[History]], pairs: dict[str, list[str]], path: Path,
+                          title: str) -> Path:
+    """One panel per base optimizer: the mean weight norm of the scale-invariant weights per epoch
+    (± std over seeds), the base in grey, its projected versions in colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(pairs))
+    rows = -(-len(pairs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+    for ax, (base, projected) in zip(axes.flat, pairs.items()):
+        for label, color in [(base, "0.45"), *zip(projected, ("tab:red", "tab:blue"))]:
+            x, mean, std = mean_curve(curves[label], "diag", "weight_norm")
+            if not x:
+                continue
+            ax.plot(x, mean, color=color, lw=1.4, label=f"{label} (n={len(curves[label])})")
+            if len(curves[label]) > 1:
+                ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=color, alpha=0.2, lw=0)
+        ax.set(title=base, xlabel="epoch", ylabel="mean ||w||")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis("off")
+    fig.suptitle(f"{title}: weight norm of the scale-invariant weights, without and with the projection")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_figures(runs: list[Run], out_dir: Path) -> list[Path]:
     """One training-curve figure per (task, model) over the completed local runs (plus the task's
     registered figures); returns the files written."""
@@ -168,6 +221,9 @@ def write_figures(runs: list[Run], out_dir: Path) -> list[Path]:
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{task}_{model}")
         primary = str(group[0].summary.get("primary_metric") or "top1")
         written.append(plot_training_curves(curves, primary, out_dir / f"{stem}.png", f"{task} ({model})"))
+        pairs = projection_pairs(list(curves))
+        if len(pairs) >= 2:
+            written.append(plot_projection_pairs(curves, pairs, out_dir / f"{stem}_pairs.png", f"{task} ({model})"))
         if task in TASK_FIGURES:
             written += TASK_FIGURES[task](curves, out_dir, stem)
     return written
