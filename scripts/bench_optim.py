@@ -276,7 +276,7 @@ def main() -> None:
 
     machine = [
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- command: `{shlex.join(sys.orig_argv)}`",
+        f"- command: `{shlex.join(['python', *sys.orig_argv[1:]])}`",  # no path of this machine
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}",
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
         f"adamp {importlib.metadata.version('adamp')}, Python {platform.python_version()}",
