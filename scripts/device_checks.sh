@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU half of the optimizer issue (#2) and the loop benchmark's GPU run, in one command on a
 # lent GPU machine (/work/.library/device): the optimizer tests with their CUDA cases, the
-# optimizer step benchmark against torch's fused AdamW / foreach SGD, and the training-loop
-# overhead benchmark. Not yet run on a GPU; my estimate is 5 minutes once the machine is up.
+# detectors' CUDA cases (deformable convolution against the CPU, bf16 and channels_last training
+# steps of CenterNet and the BatchNorm SSD), the optimizer step benchmark against torch's fused
+# AdamW / foreach SGD, and the training-loop overhead benchmark. Not yet run on a GPU; my
+# estimate is 5 minutes once the machine is up.
 #
 #   here:   make device-wheels                 # pure-Python wheels the GPU image lacks -> .whl/
 #   there:  bash scripts/device_checks.sh      # run with .whl carried; reports go to $OUT
@@ -34,6 +36,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
     [ "$rc" -eq 0 ] || { echo "== $name failed with exit code $rc"; status=1; }
 }
 step test_optim 180 "$py" -m pytest -q -p no:cacheprovider tests/test_optim.py
+step test_detectors 180 "$py" -m pytest -q -p no:cacheprovider -k cuda tests/test_centernet.py tests/test_ssd.py
 step bench_optim 240 "$py" scripts/bench_optim.py --device cuda --rounds 50 --out "$out/bench_optim_cuda.md"
 step bench_train 240 "$py" scripts/bench_train.py --device cuda --model resnet50 --batch-size 256 \
     --precision bf16 --channels-last --steps 50 --rounds 3 --out "$out/bench_train_cuda.md"

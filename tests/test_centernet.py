@@ -1,15 +1,18 @@
-"""CenterNet (projbench/models/centernet.py): output shapes, training targets, a decode round trip
-from perfect outputs, the loss (and that it trains), ImageNet initialisation from a local file."""
+"""CenterNet (projbench/models/centernet.py): output shapes with deformable and plain up-sampling,
+the deformable convolution's start, training targets, a decode round trip from perfect outputs,
+the flip test, the loss (and that it trains), ImageNet initialisation from a local file, and (with
+CUDA) the deformable convolution on the GPU in mixed precision."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from projbench.errors import ConfigError
-from projbench.models.centernet import (CenterNet, centernet_decode, centernet_loss, centernet_targets,
-                                        stack_targets)
+from projbench.models.centernet import (HEAD_OUTPUTS, CenterNet, ModulatedDeformConv, centernet_decode,
+                                        centernet_loss, centernet_targets, flip_test_decode, stack_targets)
 
 NUM_CLASSES = 3
 
@@ -30,17 +33,34 @@ def perfect_outputs(targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             "offset": at_centres(targets["offset"])}
 
 
-def test_outputs_have_the_stride_4_shapes():
-    model = CenterNet(NUM_CLASSES).eval()
+@pytest.mark.parametrize("deformable", [True, False])
+def test_outputs_have_the_stride_4_shapes(deformable):
+    model = CenterNet(NUM_CLASSES, deformable=deformable).eval()
     with torch.no_grad():
-        out = model(torch.randn(2, 3, 128, 128))
+        out = model(torch.randn(2, 3, 128, 96))
     assert CenterNet.stride == model.stride == 4
     assert set(out) == {"heatmap", "size", "offset"}
-    assert out["heatmap"].shape == (2, NUM_CLASSES, 32, 32)
-    assert out["size"].shape == out["offset"].shape == (2, 2, 32, 32)
+    assert out["heatmap"].shape == (2, NUM_CLASSES, 32, 24)
+    assert out["size"].shape == out["offset"].shape == (2, 2, 32, 24)
     # the heatmap's bias is the prior sigmoid(-2.19) ~ 0.1; size and offset start near 0
     assert torch.allclose(model.heads["heatmap"][-1].bias, torch.tensor(-2.19))
     assert out["size"].abs().max() < 0.1 and out["offset"].abs().max() < 0.1
+    deformable_convs = [m for m in model.modules() if isinstance(m, torchvision.ops.DeformConv2d)]
+    assert len(deformable_convs) == (3 if deformable else 0)
+
+
+def test_deformable_convolution_starts_as_the_plain_grid_at_half_weight():
+    torch.manual_seed(0)
+    layer = ModulatedDeformConv(8, 16)
+    x = torch.randn(2, 8, 10, 12)
+    # offsets 0 and masks sigmoid(0) = 0.5 (resnet_dcn.py's DCN init_offset), bias 0
+    expected = 0.5 * F.conv2d(x, layer.conv.weight, padding=1)
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    bound = 1 / (8 * 9) ** 0.5
+    assert layer.conv.weight.abs().max() <= bound and layer.conv.weight.std() > bound / 3
+    # the offsets are learnt: a step moves the sampling points
+    layer(x).square().sum().backward()
+    assert layer.offset_mask.weight.grad.abs().sum() > 0
 
 
 def test_one_box_gives_a_unit_peak_and_its_size_and_offset():
@@ -93,6 +113,28 @@ def test_decoding_perfect_outputs_recovers_the_boxes_and_labels():
         assert bool((det["scores"][:n] > 0.99).all()) and bool((det["scores"][n:] < 0.99).all())
 
 
+def test_flip_test_merges_mirrored_outputs_as_centernet_does():
+    boxes, labels = torch.tensor([[4.0, 6.0, 30.0, 28.0], [70.0, 60.0, 110.0, 100.0]]), torch.tensor([0, 2])
+    targets = stack_targets([centernet_targets(boxes, labels, NUM_CLASSES, (32, 32), max_objects=8)])
+    outputs = perfect_outputs(targets)
+    mirrored = {k: v.flip(-1) for k, v in outputs.items()}
+    # the outputs of the mirror image, flipped back, agree with the image's: the same detections
+    plain, merged = centernet_decode(outputs, k=5)[0], flip_test_decode(outputs, mirrored, k=5)[0]
+    for key in ("boxes", "scores", "labels"):
+        assert torch.allclose(plain[key].float(), merged[key].float(), atol=1e-5)
+    # scores and sizes are averaged with the mirror's; offsets are the image's own
+    halved = dict(mirrored, heatmap=torch.full_like(outputs["heatmap"], -30.0), size=mirrored["size"] * 3,
+                  offset=mirrored["offset"] + 5)
+    merged = flip_test_decode(outputs, halved, k=2)[0]
+    top = plain["boxes"][:2]
+    widths = (top[:, 2:] - top[:, :2]) * 2
+    centres = (top[:, 2:] + top[:, :2]) / 2
+    assert torch.allclose(merged["scores"], plain["scores"][:2] / 2, atol=1e-4)
+    expected = torch.cat([centres - widths / 2, centres + widths / 2], 1)
+    assert torch.allclose(merged["boxes"][merged["boxes"][:, 0].argsort()], expected[expected[:, 0].argsort()],
+                          atol=1e-3), "sizes x (1 + 3) / 2, centres where they were"
+
+
 def test_loss_is_small_for_perfect_outputs_and_overfits_a_batch():
     torch.manual_seed(0)
     boxes = [torch.tensor([[4.0, 8.0, 36.0, 40.0], [30.0, 20.0, 60.0, 56.0]]), torch.tensor([[10.0, 10.0, 50.0, 30.0]])]
@@ -107,7 +149,7 @@ def test_loss_is_small_for_perfect_outputs_and_overfits_a_batch():
     assert perfect["size"] < 1e-5 and perfect["offset"] < 1e-5 and zeroed["size"] > 1
     assert torch.isclose(zero_total, zeroed["heatmap"] + 0.1 * zeroed["size"] + zeroed["offset"])
 
-    model = CenterNet(NUM_CLASSES)
+    model = CenterNet(NUM_CLASSES, deformable=False)  # this checks the loss; plain up-sampling is faster on a CPU
     images = torch.randn(2, 3, 64, 64)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
@@ -151,3 +193,29 @@ def test_unknown_backbone_or_stage_count_is_a_config_error():
         CenterNet(NUM_CLASSES, backbone="vgg16")
     with pytest.raises(ConfigError, match="task.model.deconv_channels"):
         CenterNet(NUM_CLASSES, deconv_channels=(64, 64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_deformable_up_sampling_agrees_with_the_cpu_and_trains_in_bf16_on_cuda(channels_last):
+    torch.manual_seed(0)
+    model = CenterNet(NUM_CLASSES).eval()
+    for stage in model.upsample:  # offsets and masks away from their zero start
+        torch.nn.init.normal_(stage[0].offset_mask.weight, std=0.01)
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        expected = model(images)
+        gpu, gpu_images = model.cuda(), images.cuda()
+        if channels_last:
+            gpu = gpu.to(memory_format=torch.channels_last)
+            gpu_images = gpu_images.to(memory_format=torch.channels_last)
+        got = gpu(gpu_images)
+    for name in HEAD_OUTPUTS:
+        assert torch.allclose(got[name].cpu(), expected[name], rtol=1e-3, atol=1e-3), name
+    boxes = [torch.tensor([[4.0, 8.0, 60.0, 70.0]]), torch.tensor([[30.0, 20.0, 120.0, 100.0]])]
+    targets = stack_targets([centernet_targets(b, torch.tensor([1]), NUM_CLASSES, 32) for b in boxes])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _ = centernet_loss(gpu.train()(gpu_images), {k: v.cuda() for k, v in targets.items()})
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(stage[0].offset_mask.weight.grad.abs().sum() > 0 for stage in gpu.upsample)

@@ -1,8 +1,10 @@
-"""COCO detection (Table 3): the reader and its checks, the dataset's box transforms, COCOeval AP,
-both detectors end to end on the fixture, and the recipes."""
+"""COCO detection (Table 3): the reader and its checks, the dataset's box transforms and evaluation
+windows, COCOeval AP, the detectors (BatchNorm SSD, plain SSD, deformable CenterNet) end to end on
+the fixture, and the recipes."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import shutil
@@ -19,13 +21,13 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from conftest import CONF, make_cfg, run_cli
-from projbench.data.coco import (CocoDetection, collate_detection, detection_transform, read_coco_split,
-                                 write_coco_fixture)
+from projbench.data.coco import (AUGMENTATIONS, CocoDetection, collate_detection, detection_transform,
+                                 letterbox_window, read_coco_split, write_coco_fixture)
 from projbench.data.fixtures import write_once
 from projbench.distributed import DistInfo, ShardSampler
 from projbench.errors import ConfigError, DataError
 from projbench.tables import Run, build_table, load_spec
-from projbench.tasks.coco import CocoTask, SSDDetector, coco_ap, coco_results, load_vgg16_backbone
+from projbench.tasks.coco import CocoTask, coco_ap, coco_results
 from projbench.train import train
 
 
@@ -144,7 +146,7 @@ def test_an_unreadable_image_is_a_data_error_naming_the_file_also_from_a_loader_
     split = read_coco_split(root, "val2017", training=False)
     broken = split.images[5].path
     broken.write_bytes(b"not a jpeg")
-    dataset = CocoDetection(split.images, detection_transform(64, None))
+    dataset = CocoDetection(split.images, detection_transform(64, "none", training=False))
     with pytest.raises(DataError, match=f"{broken}: cannot be decoded as an image"):
         dataset[5]
     loader = DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=collate_detection)
@@ -163,7 +165,7 @@ def test_an_unreadable_image_is_a_data_error_naming_the_file_also_from_a_loader_
 def test_images_are_resized_squares_and_boxes_follow_every_augmentation(data_dir):
     split = read_coco_split(fixture(data_dir), "train2017", training=True)
     record = split.images[3]
-    image, target = CocoDetection(split.images, detection_transform(64, None))[3]
+    image, target = CocoDetection(split.images, detection_transform(64, "none", training=False))[3]
     assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and 0 <= image.min() <= image.max() <= 1
     scale = torch.tensor([64 / record.width, 64 / record.height] * 2)
     assert torch.allclose(target["boxes"], torch.from_numpy(record.boxes) * scale, atol=1e-4)
@@ -171,30 +173,72 @@ def test_images_are_resized_squares_and_boxes_follow_every_augmentation(data_dir
     assert (int(target["image_id"]), target["orig_size"].tolist()) == (record.id, [record.height, record.width])
     torch.manual_seed(0)
     for augment in ("flip", "ssd", "centernet"):
-        dataset = CocoDetection(split.images, detection_transform(64, augment))
+        dataset = CocoDetection(split.images, detection_transform(64, augment, training=True))
         for i in range(12):
             image, target = dataset[i]
             boxes = target["boxes"]
-            assert image.shape == (3, 64, 64), augment
+            assert image.shape == (3, 64, 64) and image.dtype == torch.float32, augment
             assert len(boxes) == len(target["labels"]) <= len(split.images[i].boxes), augment
             assert ((boxes >= 0) & (boxes <= 64)).all() and (boxes[:, 2:] > boxes[:, :2]).all(), augment
 
 
-# -- COCOeval -------------------------------------------------------------------------------------
-def _ground_truth_detections(data_dir: Path, shift: float = 0.0) -> tuple:
-    """Detections that are the val ground truth (optionally shifted right by `shift` x box width),
-    made as the task makes them: boxes in the 64 px input, mapped back by coco_results."""
+def test_centernet_augmentation_keeps_the_aspect_ratio_and_varies_scale_position_and_colour(data_dir):
+    split = read_coco_split(fixture(data_dir), "train2017", training=True)
+    dataset = CocoDetection(split.images, detection_transform(128, "centernet", training=True))
+    torch.manual_seed(0)
+    scales, means = [], []
+    for _ in range(24):
+        image, target = dataset[3]
+        record = split.images[3]
+        inside = (target["boxes"] > 0.5).all(1) & (target["boxes"] < 127.5).all(1)  # not cut by the crop
+        for box, label in zip(target["boxes"][inside], target["labels"][inside]):
+            original = [b for b, lab in zip(record.boxes, record.labels) if lab == label]
+            ratios = [(b[2] - b[0]) / (b[3] - b[1]) for b in original]
+            assert min(abs((box[2] - box[0]) / (box[3] - box[1]) - r) for r in ratios) < 0.05, "no stretching"
+            scales.append(float(box[2] - box[0]) / max(float(b[2] - b[0]) for b in original))
+        means.append(image.mean(dim=(1, 2)))
+    # the crop's side is 0.6-1.3 x the longest image side, resized to 128: boxes shrink or grow
+    assert max(scales) / min(scales) > 1.3
+    assert torch.stack(means).std(0).min() > 0.01, "colour jitter and lighting change every channel"
+
+
+def test_evaluation_windows_letterbox_for_centernet_and_stretch_otherwise(data_dir):
     split = read_coco_split(fixture(data_dir), "val2017", training=False)
-    dataset = CocoDetection(split.images, detection_transform(64, None))
+    i = max(range(len(split.images)), key=lambda k: abs(split.images[k].width - split.images[k].height))
+    record = split.images[i]
+    stretch = CocoDetection(split.images, detection_transform(64, "ssd", training=False),
+                            window=AUGMENTATIONS["ssd"].window)
+    box = CocoDetection(split.images, detection_transform(64, "centernet", training=False), window=letterbox_window)
+    (_, stretched), (image, boxed) = stretch[i], box[i]
+    assert stretched["window"].tolist() == [0, 0, record.width, record.height]
+    side = max(record.width, record.height)
+    left, top = (record.width - side) // 2, (record.height - side) // 2
+    assert boxed["window"].tolist() == [left, top, left + side, top + side]
+    expected = (torch.from_numpy(record.boxes) - torch.tensor([left, top] * 2)) * 64 / side
+    assert torch.allclose(boxed["boxes"], expected, atol=1e-4)
+    # the padding is black: rows (or columns) outside the image
+    pad = int(-top * 64 / side) if top < 0 else int(-left * 64 / side)
+    assert pad >= 2
+    edge = image[:, :pad - 1] if top < 0 else image[:, :, :pad - 1]
+    assert edge.abs().max() == 0
+
+
+# -- COCOeval -------------------------------------------------------------------------------------
+def _ground_truth_detections(data_dir: Path, shift: float = 0.0, augment: str = "none") -> tuple:
+    """Detections that are the val ground truth (optionally shifted right by `shift` x box width),
+    made as the task makes them: boxes in the 64 px input of `augment`'s evaluation window, mapped
+    back by coco_results."""
+    split = read_coco_split(fixture(data_dir), "val2017", training=False)
+    dataset = CocoDetection(split.images, detection_transform(64, augment, training=False),
+                            window=AUGMENTATIONS[augment].window)
     results, per_image = [], {}
     for i in range(len(dataset)):
         _, target = dataset[i]
         boxes = target["boxes"].clone()
         boxes[:, [0, 2]] += shift * (boxes[:, 2:3] - boxes[:, 0:1])
         detections = {"boxes": boxes, "scores": torch.linspace(0.9, 0.5, len(boxes)), "labels": target["labels"]}
-        height, width = target["orig_size"].tolist()
         image_id = int(target["image_id"])
-        per_image[image_id] = coco_results(detections, image_id, (width / 64, height / 64), split.category_ids)
+        per_image[image_id] = coco_results(detections, image_id, target["window"].tolist(), 64, split.category_ids)
         results += per_image[image_id]
     return split, results, per_image
 
@@ -203,12 +247,14 @@ def test_coco_ap_of_perfect_shifted_and_missing_detections(data_dir):
     split, perfect, per_image = _ground_truth_detections(data_dir)
     image_ids = [img.id for img in split.images]
     gt = {a["id"]: a for a in annotations(fixture(data_dir), "val2017")["annotations"]}
-    assert len(perfect) == len(gt)
-    # the round trip through the 64 px input gives back the json's boxes and category ids
-    for result in perfect:
-        match = [a for a in gt.values() if a["image_id"] == result["image_id"]
-                 and a["category_id"] == result["category_id"] and np.allclose(a["bbox"], result["bbox"], atol=1e-3)]
-        assert len(match) == 1, result
+    # the round trip through the 64 px input (stretched, or letterboxed) gives back the json's boxes and ids
+    for augment in ("none", "centernet"):
+        results = perfect if augment == "none" else _ground_truth_detections(data_dir, augment=augment)[1]
+        assert len(results) == len(gt)
+        for result in results:
+            match = [a for a in gt.values() if a["image_id"] == result["image_id"] and a["category_id"]
+                     == result["category_id"] and np.allclose(a["bbox"], result["bbox"], atol=1e-3)]
+            assert len(match) == 1, (augment, result)
     assert coco_ap(split.coco, perfect, image_ids) == pytest.approx({"ap": 100.0, "ap50": 100.0, "ap75": 100.0})
 
     _, shifted, _ = _ground_truth_detections(data_dir, shift=0.2)   # IoU 0.8 / 1.2 = 0.67 with its box
@@ -248,7 +294,7 @@ def _ddp_evaluate(rank: int, world: int, init_file: str, data_dir: str, out: dic
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        task = CocoTask(coco_cfg(Path(data_dir), "task.data.image_size=64").task)
+        task = CocoTask(coco_cfg(Path(data_dir), "task.data.image_size=64", "task.data.augment=flip").task)
         task.setup(DistInfo(rank, world))
         dataset = task.eval_datasets()["val"]
         loader = DataLoader(dataset, batch_size=4, sampler=ShardSampler(dataset, DistInfo(rank, world)),
@@ -273,30 +319,6 @@ def test_evaluation_under_ddp_scores_every_ranks_detections_once(data_dir, tmp_p
 
 
 # -- the detectors --------------------------------------------------------------------------------
-def test_ssd_backbone_loads_from_a_local_vgg16_state_dict(tmp_path):
-    ssd = SSDDetector(OmegaConf.create({"pretrained": None, "max_detections": 100}), num_classes=3).ssd
-    convs = [m for m in ssd.backbone.modules() if isinstance(m, torch.nn.Conv2d)][:13]
-    # torchvision's VGG16 `features`: the 13 convolutions sit at these indices, ReLUs and pools between
-    layers = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
-    state = {f"features.{i}.{name}": torch.randn_like(getattr(conv, name)) for i, conv in zip(layers, convs)
-             for name in ("weight", "bias")}
-    state["classifier.0.weight"] = torch.zeros(2, 2)  # ignored
-    path = tmp_path / "vgg16_features.pth"
-    torch.save(state, path)
-    load_vgg16_backbone(ssd, path, trainable_layers=4)
-    assert torch.equal(ssd.backbone.features[0].weight, state["features.0.weight"])     # conv1_1
-    assert torch.equal(ssd.backbone.features[21].weight, state["features.21.weight"])   # conv4_3
-    assert torch.equal(ssd.backbone.extra[0][5].weight, state["features.28.weight"])    # conv5_3
-    frozen = [name for name, p in ssd.named_parameters() if not p.requires_grad]
-    assert frozen == ["backbone.features.0.weight", "backbone.features.0.bias",
-                      "backbone.features.2.weight", "backbone.features.2.bias"], "the first VGG stage freezes"
-    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "resnet.pth")
-    for bad, message in ((tmp_path / "missing.pth", "missing.pth: not found"),
-                         (tmp_path / "resnet.pth", "resnet.pth: not a torchvision VGG16 state dict")):
-        with pytest.raises(ConfigError, match=f"task.model.pretrained: .*{message}"):
-            load_vgg16_backbone(ssd, bad, trainable_layers=4)
-
-
 def test_centernet_targets_are_built_in_the_dataset_at_the_input_scale(data_dir):
     task = CocoTask(coco_cfg(data_dir, "task.data.image_size=64", "task.data.augment=none").task)
     task.setup(DistInfo())
@@ -311,16 +333,17 @@ def test_centernet_targets_are_built_in_the_dataset_at_the_input_scale(data_dir)
         CocoTask(coco_cfg(data_dir, "task.data.image_size=100").task).setup(DistInfo())
 
 
-@pytest.mark.parametrize("detector,overrides", [
-    ("centernet", ["task.data.image_size=64", "task.data.batch_size=4"]),
-    ("ssd", ["task.data.batch_size=2"]),
+@pytest.mark.parametrize("model,overrides,arch", [
+    ("centernet", ["task.data.image_size=64", "task.data.batch_size=4", "task.model.flip_test=true"],
+     "centernet_resnet18_dcn"),
+    ("ssd", ["task.data.batch_size=2"], "ssd300_vgg16_bn"),
 ])
-def test_each_detector_trains_and_evaluates_end_to_end_on_the_fixture(detector, overrides, data_dir, tmp_path):
-    cfg = coco_cfg(data_dir, f"task/model={detector}", "optim=adamp", "trainer.max_steps=2", "trainer.log_every=1",
+def test_each_detector_trains_and_evaluates_end_to_end_on_the_fixture(model, overrides, arch, data_dir, tmp_path):
+    cfg = coco_cfg(data_dir, f"task/model={model}", "optim=adamp", "trainer.max_steps=2", "trainer.log_every=1",
                    *overrides)
     summary = train(cfg, tmp_path / "run")
     assert summary["status"] == "completed" and summary["primary_metric"] == "ap"
-    assert summary["model"] == {"centernet": "centernet_resnet18", "ssd": "ssd300_vgg16"}[detector]
+    assert summary["model"] == arch
     for name in ("ap", "ap50", "ap75"):
         assert 0 <= summary["metrics"][f"val/{name}"]["final"] <= 100
     points = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -328,19 +351,62 @@ def test_each_detector_trains_and_evaluates_end_to_end_on_the_fixture(detector, 
     assert len(losses) == 2 and all(np.isfinite(losses))
 
 
+@pytest.mark.parametrize("model,overrides,arch", [
+    ("ssd_vgg16", [], "ssd300_vgg16"),
+    ("centernet", ["task.model.deformable=false", "task.data.image_size=64"], "centernet_resnet18"),
+])
+def test_the_plain_variants_still_train_and_detect(model, overrides, arch, data_dir):
+    task = CocoTask(coco_cfg(data_dir, f"task/model={model}", *overrides).task)
+    task.setup(DistInfo())
+    detector = task.build_model()
+    assert task.model_name() == arch
+    loss = task.training_loss(detector.train(), collate_detection([task.train_dataset()[i] for i in (1, 2)]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    images, _ = collate_detection([task.eval_datasets()["val"][1]])
+    with torch.no_grad():
+        (detections,) = detector.eval()(images)
+    assert detections["boxes"].shape[1:] == (4,) and len(detections["scores"]) == len(detections["labels"])
+
+
+def test_ssd_config_errors_name_the_key(data_dir):
+    with pytest.raises(ConfigError, match="task.data.batch_size: ssd300_vgg16_bn trains on at least 2 images per rank"):
+        CocoTask(coco_cfg(data_dir, "task/model=ssd", "task.data.batch_size=1").task).setup(DistInfo())
+    CocoTask(coco_cfg(data_dir, "task/model=ssd_vgg16", "task.data.batch_size=1").task).setup(DistInfo())
+    with pytest.raises(ConfigError, match="task.model.backbone: SSD300 is built on"):
+        CocoTask(coco_cfg(data_dir, "task/model=ssd", "task.model.backbone=resnet50").task).setup(DistInfo())
+
+
+def test_scale_invariance_script_counts_the_weights_before_batchnorm(data_dir):
+    path = Path(CONF).parent / "scripts" / "scale_invariance.py"
+    spec = importlib.util.spec_from_file_location("scale_invariance", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    counts = script.first_step_scale_invariance(["task=coco", "task.data.fixture=true", f"paths.data_dir={data_dir}",
+                                                 "task.data.image_size=64", "task.data.batch_size=4"])
+    # ResNet-18's 20 convolutions and the 6 up-sampling ones; not the 6 head convolutions, and
+    # the 3 offset / mask convolutions (all zeros at the start) only as vacuous passes
+    assert (counts["invariant_tensors"], counts["vacuous_tensors"], counts["weight_tensors"]) == (26, 3, 35)
+    assert 0.97 < counts["invariant_params"] / counts["params"] < 1
+
+
 # -- the recipes ----------------------------------------------------------------------------------
 def test_detector_files_set_their_recipe_and_the_command_line_still_wins():
     centernet = make_cfg(["task=coco", "optim=adam"])
-    assert centernet.task.model.detector == "centernet" and centernet.task.model.backbone == "resnet18"
+    model = centernet.task.model
+    assert (model.detector, model.backbone, model.deformable, model.flip_test) == ("centernet", "resnet18", True, False)
     data = centernet.task.data
     assert (data.image_size, data.batch_size, data.augment) == (512, 128, "centernet")
     assert (centernet.optim.lr, centernet.optim.weight_decay, centernet.trainer.max_epochs) == (5e-4, 0.0, 140)
     assert list(centernet.trainer.schedule.milestones) == [90, 120] and centernet.trainer.schedule.name == "multistep"
-    ssd = make_cfg(["task=coco", "task/model=ssd", "optim=adamp"])
-    assert (ssd.task.model.detector, ssd.task.data.image_size, ssd.task.data.batch_size, ssd.task.data.augment) == (
-        "ssd", 300, 32, "ssd")
-    assert (ssd.optim.lr, ssd.optim.weight_decay, ssd.trainer.max_epochs) == (1e-3, 5e-4, 120)
-    assert list(ssd.trainer.schedule.milestones) == [80, 110] and ssd.trainer.schedule.warmup_epochs == 0.27
+    for name, backbone in (("ssd", "vgg16_bn"), ("ssd_vgg16", "vgg16")):  # the plain SSD shares the recipe
+        ssd = make_cfg(["task=coco", f"task/model={name}", "optim=adamp"])
+        assert (ssd.task.model.detector, ssd.task.model.backbone) == ("ssd", backbone)
+        assert (ssd.task.data.image_size, ssd.task.data.batch_size, ssd.task.data.augment) == (300, 32, "ssd")
+        assert (ssd.optim.lr, ssd.optim.weight_decay, ssd.trainer.max_epochs) == (1e-3, 5e-4, 120)
+        assert list(ssd.trainer.schedule.milestones) == [80, 110] and ssd.trainer.schedule.warmup_epochs == 0.27
+    for cfg in (centernet, ssd):  # every recipe value names its source
+        assert set(cfg.task.model.recipe) - {"sources"} == set(cfg.task.model.recipe.sources)
     mine = make_cfg(["task=coco", "task/model=ssd", "optim.lr=2e-4", "trainer.max_epochs=12",
                      "task.data.image_size=320"])
     assert (mine.optim.lr, mine.trainer.max_epochs, mine.task.data.image_size) == (2e-4, 12, 320)
@@ -364,11 +430,18 @@ def test_table3_sweep_fills_each_cell_of_the_table_once():
         assert cfg.task.name == "coco"
         detector = cfg.task.model.detector
         assert (cfg.optim.lr, cfg.trainer.max_epochs) == {"centernet": (5e-4, 140), "ssd": (1e-3, 120)}[detector]
+        assert cfg.task.model.get("deformable", True) and cfg.task.model.backbone in ("resnet18", "vgg16_bn")
         if cfg.coco_init == "imagenet":
             assert Path(cfg.task.model.pretrained).name == {"centernet": "resnet18-f37072fd.pth",
-                                                            "ssd": "vgg16_features-amdegroot-88682ab5.pth"}[detector]
+                                                            "ssd": "vgg16_bn-6c64b313.pth"}[detector]
         runs.append(Run(id=f"run{k}", config=cfg, summary={"status": "completed", "seed": 0,
                                                            "metrics": {"val/ap": {"final": float(k)}}}))
+    # runs of the plain variants are not Table 3's detectors: they fill no cell
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        for k, variant in enumerate((["task/model=ssd_vgg16"], ["task.model.deformable=false"])):
+            cfg = compose(config_name="config", overrides=["+experiment=coco_table3", "optim=adam", *variant])
+            runs.append(Run(id=f"plain{k}", config=cfg, summary={"status": "completed", "seed": 0,
+                                                                 "metrics": {"val/ap": {"final": -1.0}}}))
     table = build_table(load_spec()["table3"], runs)
     assert all(cell.n == 1 for cell in table.cells.values()) and len(table.cells) == 8
     for k, cfg in enumerate(cells):
@@ -383,6 +456,6 @@ def test_experiment_cfg_job_resolves_through_the_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     job = OmegaConf.create(out.stdout)
     assert (job.task.name, job.task.model.detector, job.optim.name) == ("coco", "ssd", "adamp")
-    assert job.task.model.pretrained == f"{tmp_path}/pretrained/vgg16_features-amdegroot-88682ab5.pth"
+    assert job.task.model.pretrained == f"{tmp_path}/pretrained/vgg16_bn-6c64b313.pth"
     assert (job.optim.lr, job.optim.weight_decay, job.trainer.max_epochs) == (1e-3, 5e-4, 120)
     assert job.task.data.image_size == 300

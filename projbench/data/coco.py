@@ -218,6 +218,92 @@ def load_image(path: Path, size: tuple[int, int]) -> tv_tensors.Image:
 
 
 # -- the dataset --------------------------------------------------------------------------------
+# The window of an image the model sees: (left, top, right, bottom) in the image's pixels, resized
+# to the input square; it may reach past the image, which is then padded with zeros.
+Window = tuple[int, int, int, int]
+
+
+def full_window(width: int, height: int) -> Window:
+    """The whole image, stretched to the square (SSD's resize, which ignores the aspect ratio)."""
+    return 0, 0, width, height
+
+
+def letterbox_window(width: int, height: int) -> Window:
+    """The square of side max(width, height) centred on the image: the image at its own aspect
+    ratio, padded (CenterNet's test input at a fixed resolution, base_detector.py pre_process:
+    centre (w/2, h/2), scale max(h, w))."""
+    side = max(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+CENTERNET_SCALES = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)  # np.arange(0.6, 1.4, 0.1) in its ctdet.py
+
+
+def _centernet_border(size: int, border: int = 128) -> int:
+    """CenterNet's _get_border: 128 pixels, halved until the image is more than twice as wide."""
+    while size - border <= border:
+        border //= 2
+    return border
+
+
+def centernet_crop_window(width: int, height: int) -> Window:
+    """CenterNet's random crop (datasets/sample/ctdet.py, the default "rand_crop" branch): a
+    square of side max(width, height) times a scale drawn from 0.6, 0.7, ..., 1.3, centred on a
+    random point at least a border (128 px, less for small images) inside the image."""
+    side = round(max(width, height) * CENTERNET_SCALES[int(torch.randint(len(CENTERNET_SCALES), ()))])
+    bx, by = _centernet_border(width), _centernet_border(height)
+    cx, cy = int(torch.randint(bx, width - bx, ())), int(torch.randint(by, height - by, ()))
+    left, top = cx - side // 2, cy - side // 2
+    return left, top, left + side, top + side
+
+
+class WindowResize(v2.Transform):
+    """The image's `window(width, height)` (a Window) resized to size x size, zero-padded where
+    the window leaves the image; boxes follow (clipped to the window)."""
+
+    def __init__(self, size: int, window: Callable[[int, int], Window]):
+        super().__init__()
+        self.size, self.window = size, window
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        image = next(x for x in flat_inputs if isinstance(x, tv_tensors.Image))
+        height, width = v2.functional.get_size(image)
+        left, top, right, bottom = self.window(width, height)
+        return {"top": top, "left": left, "height": bottom - top, "width": right - left}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(v2.functional.resized_crop, inpt, **params, size=[self.size, self.size])
+
+
+class PCALighting(v2.Transform):
+    """AlexNet-style lighting noise on a float image: adds eigvec @ (eigval * alpha) to every
+    pixel, alpha ~ N(0, alpha_std) per principal component of the data set's RGB colours."""
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, alpha_std: float, eigval: Sequence[float], eigvec: Sequence[Sequence[float]]):
+        super().__init__()
+        self.alpha_std = alpha_std
+        self.eigval, self.eigvec = torch.tensor(eigval), torch.tensor(eigvec)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        alpha = torch.randn(3) * self.alpha_std
+        return {"shift": (self.eigvec @ (self.eigval * alpha)).view(3, 1, 1)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not inpt.is_floating_point():
+            raise TypeError("PCALighting needs a float image; put it after ToDtype(float32, scale=True)")
+        return tv_tensors.wrap(inpt + params["shift"].to(inpt.dtype), like=inpt)
+
+
+# CenterNet's COCO colour statistics (datasets/dataset/coco.py _eig_val / _eig_vec), whose rows
+# are in OpenCV's BGR channel order there; here the rows are reversed to RGB.
+COCO_EIGVAL = (0.2141788, 0.01817699, 0.00341571)
+COCO_EIGVEC_RGB = ((-0.56089297, 0.71832671, 0.41158938),
+                   (-0.5832747, 0.00994535, -0.81221408),
+                   (-0.58752847, -0.69563484, 0.41340352))
+
 SSD_FILL = (123, 117, 104)  # the zoom-out canvas: the ImageNet mean in uint8, as the SSD reference
 
 
@@ -229,40 +315,57 @@ def _augment_ssd(size: int) -> list:
 
 
 def _augment_centernet(size: int) -> list:
-    """CenterNet's training augmentation, as affine transforms: a random scale (its crop of 0.6 to
-    1.3 times the image, i.e. a magnification of 1/1.3 to 1/0.6) and shift, colour jitter of 0.4,
-    flip. (CenterNet keeps the aspect ratio and adds PCA lighting noise; neither is done here.)"""
-    return [v2.Resize((size, size)), v2.RandomAffine(degrees=0, translate=(0.25, 0.25), scale=(1 / 1.3, 1 / 0.6)),
-            v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4), v2.RandomHorizontalFlip()]
+    """CenterNet's training augmentation (datasets/sample/ctdet.py with its defaults): the random
+    square crop of centernet_crop_window (the aspect ratio kept, zero padding where it leaves the
+    image), flip with probability 0.5, then colour: brightness, contrast and saturation each by a
+    factor in [0.6, 1.4] in random order (its color_aug, var 0.4), and PCA lighting noise of
+    standard deviation 0.1 (its lighting_ with the COCO eigenvectors). torchvision clips the
+    colour steps to [0, 1], which CenterNet's float arithmetic does not."""
+    return [WindowResize(size, centernet_crop_window), v2.RandomHorizontalFlip(),
+            v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
+            v2.ToDtype(torch.float32, scale=True), PCALighting(0.1, COCO_EIGVAL, COCO_EIGVEC_RGB)]
 
 
-AUGMENTATIONS: dict[str, Callable[[int], list]] = {
-    "none": lambda size: [v2.Resize((size, size))],
-    "flip": lambda size: [v2.Resize((size, size)), v2.RandomHorizontalFlip()],
-    "ssd": _augment_ssd,
-    "centernet": _augment_centernet,
+@dataclass(frozen=True)
+class Augmentation:
+    """A training augmentation policy (`train(size)`: the v2 steps for a size x size input) and
+    the window evaluation shows the model, so that objects keep the same aspect ratio in both."""
+
+    train: Callable[[int], list]
+    window: Callable[[int, int], Window] = full_window
+
+
+AUGMENTATIONS: dict[str, Augmentation] = {
+    "none": Augmentation(lambda size: [v2.Resize((size, size))]),
+    "flip": Augmentation(lambda size: [v2.Resize((size, size)), v2.RandomHorizontalFlip()]),
+    "ssd": Augmentation(_augment_ssd),
+    "centernet": Augmentation(_augment_centernet, window=letterbox_window),
 }
 
 
-def detection_transform(image_size: int, augment: str | None) -> v2.Compose:
+def detection_transform(image_size: int, augment: str, training: bool) -> v2.Compose:
     """uint8 image + boxes -> float [0, 1] image of image_size x image_size with its boxes.
-    `augment` names a training policy of AUGMENTATIONS; None: evaluation (a plain resize)."""
-    steps = AUGMENTATIONS[augment or "none"](image_size)
-    if augment:
-        steps.append(v2.SanitizeBoundingBoxes())  # drops boxes an augmentation cut to nothing
+    `augment` names a policy of AUGMENTATIONS: its training steps, or (training=False) its
+    evaluation window, resized."""
+    policy = AUGMENTATIONS[augment]
+    if training:  # SanitizeBoundingBoxes drops boxes an augmentation cut to nothing
+        steps = policy.train(image_size) + [v2.SanitizeBoundingBoxes()]
+    else:
+        steps = [WindowResize(image_size, policy.window)]
     return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True)])
 
 
 class CocoDetection(Dataset):
-    """(image, target) per image. The image is float [0, 1], image_size x image_size (resized
-    without keeping the aspect ratio, as SSD does). The target holds `boxes` (N, 4) xyxy in the
-    resized image's pixels, `labels` (N,) contiguous, `image_id` and `orig_size` (height, width),
-    which map detections back to the COCO image. `encode` (picklable; run in the DataLoader
-    workers) turns a target into what the detector trains on."""
+    """(image, target) per image. The image is float [0, 1], image_size x image_size (per the
+    transform). The target holds `boxes` (N, 4) xyxy in the input's pixels, `labels` (N,)
+    contiguous, `image_id`, `orig_size` (height, width) and, given `window` (the evaluation
+    transform's), `window`: the region of the original image the input shows, which maps
+    detections back to the COCO image. `encode` (picklable; run in the DataLoader workers) turns a
+    target into what the detector trains on."""
 
     def __init__(self, images: Sequence[CocoImage], transform: v2.Compose,
-                 encode: Callable[[dict], Any] | None = None):
-        self.images, self.transform, self.encode = list(images), transform, encode
+                 encode: Callable[[dict], Any] | None = None, window: Callable[[int, int], Window] | None = None):
+        self.images, self.transform, self.encode, self.window = list(images), transform, encode, window
 
     def __len__(self) -> int:
         return len(self.images)
@@ -275,6 +378,8 @@ class CocoDetection(Dataset):
         image, target = self.transform(image, {"boxes": boxes, "labels": torch.from_numpy(record.labels)})
         target = {"boxes": target["boxes"].as_subclass(torch.Tensor).float(), "labels": target["labels"],
                   "image_id": torch.tensor(record.id), "orig_size": torch.tensor([record.height, record.width])}
+        if self.window is not None:
+            target["window"] = torch.tensor(self.window(record.width, record.height), dtype=torch.float32)
         return image.as_subclass(torch.Tensor), (self.encode(target) if self.encode else target)
 
 

@@ -9,11 +9,20 @@ offset of the centre regressed at that peak:
       -> 3 x [conv3x3-BN-ReLU, ConvTranspose2d 4x4 stride 2-BN-ReLU] (stride 4)
       -> three conv3x3-ReLU-conv1x1 heads: heatmap logits (C), size (w, h), offset (dx, dy)
 
-As the authors' code (github.com/xingyizhou/CenterNet, resnet_dcn.py with a plain 3x3 convolution
-for the deformable one, ctdet.py, losses.py, decode.py): bilinear initialisation of the transposed
-convolutions, heatmap bias -2.19 (a prior of 0.1), Gaussian targets of CornerNet's radius, a
-penalty-reduced focal loss plus L1 on size and offset at the centres, 3x3 max-pool peak decoding.
-Sizes and offsets are in output-stride units; boxes in and out are xyxy in input pixels.
+The up-sampling path is the authors' "resdcn" network (github.com/xingyizhou/CenterNet,
+src/lib/models/networks/resnet_dcn.py), whose ResNet-18 is the 28.1 AP of their paper and model
+zoo: each stage's 3x3 convolution is a modulated deformable convolution (DCNv2: a plain 3x3
+convolution predicts 2 x 9 sampling offsets and 9 sigmoid-ed modulation masks, both starting at
+zero, so a fresh layer samples the plain 3x3 grid at half weight), here
+torchvision.ops.DeformConv2d. `deformable=False` puts a plain 3x3 convolution there instead (the
+alternative left commented out in that file). Either is followed by BatchNorm, so its weight is
+scale-invariant; the offset / mask convolution is not.
+
+As the authors' code (resnet_dcn.py, ctdet.py, losses.py, decode.py): bilinear initialisation of
+the transposed convolutions, heatmap bias -2.19 (a prior of 0.1), Gaussian targets of CornerNet's
+radius, a penalty-reduced focal loss plus L1 on size and offset at the centres, 3x3 max-pool peak
+decoding, and its flip test (detectors/ctdet.py). Sizes and offsets are in output-stride units;
+boxes in and out are xyxy in input pixels.
 """
 
 from __future__ import annotations
@@ -26,8 +35,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torchvision.ops import DeformConv2d
 
 from projbench.errors import ConfigError
+from projbench.models.weights import load_exactly, read_state_dict
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 HEAD_OUTPUTS = ("heatmap", "size", "offset")
@@ -35,20 +46,10 @@ HEAD_OUTPUTS = ("heatmap", "size", "offset")
 
 def load_resnet_weights(resnet: nn.Module, path: str | Path) -> None:
     """A local torchvision ResNet state dict into `resnet`; its fc weights are ignored."""
-    key, path = "task.model.pretrained", Path(path)
-    if not path.is_file():
-        raise ConfigError(key, f"{path}: not found; expected a torchvision ResNet state dict "
-                               f"(e.g. resnet18-f37072fd.pth); null trains from scratch")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = resnet.load_state_dict(state, strict=False)
-    except Exception as exc:  # a foreign file: pickle, zip, attribute or shape-mismatch errors alike
-        raise ConfigError(key, f"{path}: cannot be loaded as this ResNet's state dict ({exc})") from None
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise ConfigError(key, f"{path}: does not fit a torchvision {type(resnet).__name__}: missing "
-                               f"{missing[:4]}, unexpected {unexpected[:4]} ({len(missing)} / {len(unexpected)} keys)")
+    expected = f"a torchvision {type(resnet).__name__} state dict (e.g. resnet18-f37072fd.pth)"
+    state = {k: v for k, v in read_state_dict(path, expected).items() if not k.startswith("fc.")}
+    backbone = nn.Sequential(OrderedDict((name, m) for name, m in resnet.named_children() if name != "fc"))
+    load_exactly(backbone, state, path, expected)
 
 
 def bilinear_(up: nn.ConvTranspose2d) -> None:
@@ -62,11 +63,38 @@ def bilinear_(up: nn.ConvTranspose2d) -> None:
         up.weight[:, 0] = line[:, None] * line[None, :]
 
 
-def upsample_stage(in_channels: int, out_channels: int) -> nn.Sequential:
+class ModulatedDeformConv(nn.Module):
+    """A 3x3 modulated deformable convolution (DCNv2) as resnet_dcn.py's DCN: a plain convolution
+    of the input predicts the sampling offsets (2 per kernel tap) and modulation masks (1 per tap,
+    through a sigmoid). As there, that convolution starts at zero (offsets 0, masks 0.5), the
+    deformable weight is uniform in +-1/sqrt(fan_in) (DeformConv2d's default is the same bound) and
+    its bias starts at 0."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+        super().__init__()
+        taps = kernel_size * kernel_size
+        padding = kernel_size // 2
+        self.offset_mask = nn.Conv2d(in_channels, 3 * taps, kernel_size, padding=padding)
+        self.conv = DeformConv2d(in_channels, out_channels, kernel_size, padding=padding)
+        self.taps = taps
+        with torch.no_grad():
+            self.offset_mask.weight.zero_()
+            self.offset_mask.bias.zero_()
+            self.conv.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        offset, mask = self.offset_mask(x).split([2 * self.taps, self.taps], dim=1)
+        return self.conv(x, offset, mask.sigmoid())
+
+
+def upsample_stage(in_channels: int, out_channels: int, deformable: bool = True) -> nn.Sequential:
+    """[3x3 (deformable) conv-BN-ReLU, ConvTranspose2d 4x4 stride 2 (bilinear start)-BN-ReLU]."""
+    conv = (ModulatedDeformConv(in_channels, out_channels) if deformable
+            else nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False))
     up = nn.ConvTranspose2d(out_channels, out_channels, 4, stride=2, padding=1, bias=False)
     bilinear_(up)
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
-                         nn.ReLU(inplace=True), up, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+                         up, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 def head(in_channels: int, hidden: int, out_channels: int, bias: float | None) -> nn.Sequential:
@@ -91,7 +119,8 @@ class CenterNet(nn.Module):
     stride: int = 4  # output stride: the backbone's 32 undone by three x2 upsamplings
 
     def __init__(self, num_classes: int, backbone: str = "resnet18", pretrained: str | None = None,
-                 head_channels: int = 64, deconv_channels: tuple[int, ...] = (256, 128, 64)):
+                 head_channels: int = 64, deconv_channels: tuple[int, ...] = (256, 128, 64),
+                 deformable: bool = True):
         super().__init__()
         if backbone not in RESNETS:
             raise ConfigError("task.model.backbone", f"expected one of {', '.join(RESNETS)}, got {backbone!r}")
@@ -104,7 +133,8 @@ class CenterNet(nn.Module):
         self.backbone = nn.Sequential(OrderedDict((name, module) for name, module in resnet.named_children()
                                                   if name not in ("avgpool", "fc")))
         widths = [resnet.fc.in_features, *deconv_channels]
-        self.upsample = nn.Sequential(*(upsample_stage(widths[i], widths[i + 1]) for i in range(len(deconv_channels))))
+        self.upsample = nn.Sequential(*(upsample_stage(widths[i], widths[i + 1], deformable)
+                                        for i in range(len(deconv_channels))))
         self.heads = nn.ModuleDict({
             "heatmap": head(widths[-1], head_channels, num_classes, bias=-2.19),
             "size": head(widths[-1], head_channels, 2, bias=None),
@@ -211,12 +241,27 @@ def centernet_loss(outputs: dict[str, Tensor], targets: dict[str, Tensor], size_
 def centernet_decode(outputs: dict[str, Tensor], k: int = 100, stride: int = 4) -> list[dict[str, Tensor]]:
     """The top-k heatmap peaks (3x3 local maxima, over classes and positions) of every image as
     detections: boxes (k, 4) xyxy in input pixels, scores (k,) sigmoid probabilities, labels (k,)."""
-    heat = outputs["heatmap"].float().sigmoid()
+    return decode_peaks(outputs["heatmap"].float().sigmoid(), outputs["size"], outputs["offset"], k, stride)
+
+
+@torch.no_grad()
+def flip_test_decode(outputs: dict[str, Tensor], mirrored: dict[str, Tensor], k: int = 100,
+                     stride: int = 4) -> list[dict[str, Tensor]]:
+    """CenterNet's flip test (detectors/ctdet.py): `mirrored` are the outputs for the horizontally
+    flipped images; flipped back, their heatmap probabilities and sizes are averaged with the
+    unflipped ones, and the offsets are the unflipped ones'. Then decoded as centernet_decode."""
+    heat = (outputs["heatmap"].float().sigmoid() + mirrored["heatmap"].float().sigmoid().flip(-1)) / 2
+    size = (outputs["size"].float() + mirrored["size"].float().flip(-1)) / 2
+    return decode_peaks(heat, size, outputs["offset"], k, stride)
+
+
+def decode_peaks(heat: Tensor, size: Tensor, offset: Tensor, k: int, stride: int) -> list[dict[str, Tensor]]:
+    """Detections from heatmap probabilities (B, C, h, w) and size / offset maps (B, 2, h, w)."""
     b, c, h, w = heat.shape
     heat = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
     scores, flat = heat.flatten(1).topk(min(k, c * h * w), dim=1)
     labels, position = flat // (h * w), flat % (h * w)
-    centre = torch.stack([position % w, position // w], dim=2).float() + gather_at(outputs["offset"].float(), position)
-    half = gather_at(outputs["size"].float(), position) / 2
+    centre = torch.stack([position % w, position // w], dim=2).float() + gather_at(offset.float(), position)
+    half = gather_at(size.float(), position) / 2
     boxes = torch.cat([centre - half, centre + half], dim=2) * stride
     return [{"boxes": boxes[i], "scores": scores[i], "labels": labels[i]} for i in range(b)]

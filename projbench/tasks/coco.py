@@ -2,17 +2,23 @@
 
 Data: the official layout under `task.data.root`, read and checked by projbench/data/coco.py
 (what is filtered and why is said there): `task.data.splits.train` (train2017) trains, the "val"
-split (val2017) evaluates. Every image is resized to `task.data.image_size` squared; training
-augments it per `task.data.augment` (a policy of projbench.data.coco.AUGMENTATIONS), with the
-boxes following through torchvision.transforms.v2. `task.data.fixture=true` writes a tiny set in
+split (val2017) evaluates. Training augments each image per `task.data.augment` (a policy of
+projbench.data.coco.AUGMENTATIONS) into a `task.data.image_size` square, with the boxes following
+through torchvision.transforms.v2; evaluation shows the model the policy's window of each image
+(the whole image stretched, or for CenterNet's policy the image letterboxed at its own aspect
+ratio) and maps the detections back through it. `task.data.fixture=true` writes a tiny set in
 the same layout (rank 0, once, under `task.data.fixture_root`) and reads it the same way.
 
-Detectors (`task.model.detector`; conf/task/model/<detector>.yaml holds each one's recipe):
-  centernet  projbench/models/centernet.py: a ResNet, an upsampling head, a heatmap focal loss
-             with size and offset regression, peak decoding. Its input is ImageNet-normalised
-             here; its training targets (heatmaps, ...) are built in the DataLoader workers.
-  ssd        torchvision's ssd300_vgg16, with its own normalisation, resize to 300 x 300,
-             MultiBox loss and NMS; C + 1 classes (0 is its background).
+Detectors (`task.model.detector`; conf/task/model/<file>.yaml holds each one's recipe):
+  centernet  projbench/models/centernet.py: a ResNet, an up-sampling path with modulated
+             deformable convolutions (`task.model.deformable`; false: plain ones), a heatmap
+             focal loss with size and offset regression, peak decoding, CenterNet's flip test
+             (`task.model.flip_test`). Its input is ImageNet-normalised here; its training targets
+             (heatmaps, ...) are built in the DataLoader workers.
+  ssd        projbench/models/ssd.py on torchvision's SSD: `task.model.backbone=vgg16_bn`, SSD300
+             with BatchNorm after every convolution (ScratchDet's design), or `vgg16`,
+             torchvision's ssd300_vgg16; SSD's own normalisation, resize to 300 x 300, MultiBox
+             loss and NMS; C + 1 classes (0 is its background).
 Both answer `model(images, targets)` with the training loss and `model(images)` with detections
 (boxes xyxy in the input's pixels, scores, contiguous labels), so the task does not care which
 it runs. `task.model.pretrained` is null (from scratch) or a local torchvision state dict of the
@@ -29,7 +35,6 @@ import contextlib
 import io
 import logging
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -39,13 +44,14 @@ from pycocotools.cocoeval import COCOeval
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.models.detection import ssd300_vgg16
 
 from projbench.data.coco import (AUGMENTATIONS, CocoDetection, CocoSplit, collate_detection, detection_transform,
                                  read_coco_split, write_coco_fixture)
 from projbench.distributed import DistInfo, all_gather_list, broadcast_object, current_rank
 from projbench.errors import ConfigError, DataError
-from projbench.models.centernet import CenterNet, centernet_decode, centernet_loss, centernet_targets, stack_targets
+from projbench.models.centernet import (CenterNet, centernet_decode, centernet_loss, centernet_targets,
+                                        flip_test_decode, stack_targets)
+from projbench.models.ssd import SSD_VARIANTS, SSDVariant
 from projbench.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -54,13 +60,16 @@ METRICS = ("ap", "ap50", "ap75")  # COCOeval.stats[0:3]
 
 
 # -- evaluation ---------------------------------------------------------------------------------
-def coco_results(detections: dict[str, torch.Tensor], image_id: int, scale: tuple[float, float],
+def coco_results(detections: dict[str, torch.Tensor], image_id: int, window: Sequence[float], input_size: int,
                  category_ids: Sequence[int]) -> list[dict]:
     """One image's detections (boxes xyxy in the model input's pixels, scores, contiguous labels)
-    as COCO results: bbox [x, y, width, height] in the original image (`scale` = original /
-    input, for x and y), category ids from `category_ids[label]`."""
-    sx, sy = scale
-    boxes = detections["boxes"].detach().float().cpu() * torch.tensor([sx, sy, sx, sy])
+    as COCO results: bbox [x, y, width, height] in the original image, which the input showed as
+    `window` (left, top, right, bottom in its pixels; see projbench.data.coco.Window) resized to
+    input_size squared (not clipped: CenterNet's post-processing does not clip, SSD's clips to its
+    input itself); category ids from `category_ids[label]`."""
+    left, top, right, bottom = (float(v) for v in window)
+    scale = torch.tensor([right - left, bottom - top] * 2) / input_size
+    boxes = detections["boxes"].detach().float().cpu() * scale + torch.tensor([left, top] * 2)
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
     return [{"image_id": image_id, "category_id": category_ids[label], "bbox": box, "score": score}
             for box, score, label in zip(xywh.tolist(), detections["scores"].float().tolist(),
@@ -94,22 +103,28 @@ def _encode_centernet(target: dict, num_classes: int, out_size: int, max_objects
 
 class CenterNetDetector(nn.Module):
     """CenterNet on ImageNet-normalised [0, 1] images; `model(images, targets)` -> loss with
-    targets from `target_encoder`, `model(images)` -> top-k peak detections per image."""
+    targets from `target_encoder`, `model(images)` -> top-k peak detections per image, with
+    CenterNet's flip test when `task.model.flip_test` (twice the evaluation compute)."""
 
     size_multiple = 32  # the backbone's stride
 
     def __init__(self, cfg: DictConfig, num_classes: int):
         super().__init__()
         self.net = CenterNet(num_classes, backbone=cfg.backbone, pretrained=cfg.pretrained,
-                             head_channels=int(cfg.head_channels), deconv_channels=tuple(cfg.deconv_channels))
+                             head_channels=int(cfg.head_channels), deconv_channels=tuple(cfg.deconv_channels),
+                             deformable=bool(cfg.deformable))
         self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
-        self.max_detections = int(cfg.max_detections)
+        self.max_detections, self.flip_test = int(cfg.max_detections), bool(cfg.flip_test)
         self.size_weight, self.offset_weight = float(cfg.size_weight), float(cfg.offset_weight)
 
     @staticmethod
     def arch(cfg: DictConfig) -> str:
-        return f"centernet_{cfg.backbone}"
+        return f"centernet_{cfg.backbone}" + ("_dcn" if cfg.deformable else "")
+
+    @staticmethod
+    def min_batch(cfg: DictConfig) -> int:
+        return 1
 
     @staticmethod
     def target_encoder(cfg: DictConfig, num_classes: int, image_size: int) -> Callable[[dict], dict]:
@@ -118,65 +133,43 @@ class CenterNetDetector(nn.Module):
                        max_objects=int(cfg.max_objects))
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None):
-        outputs = self.net((images - self.mean) / self.std)
-        if targets is None:
-            return centernet_decode(outputs, k=self.max_detections, stride=CenterNet.stride)
-        loss, _ = centernet_loss(outputs, stack_targets(targets), self.size_weight, self.offset_weight)
-        return loss
-
-
-def load_vgg16_backbone(ssd: nn.Module, path: str | Path, trainable_layers: int) -> None:
-    """The 13 convolutions of a local torchvision VGG16 state dict (`features.<i>.weight/bias`; the
-    classifier is ignored) into SSD300's backbone, in order: conv1_1 to conv4_3 in
-    `backbone.features`, conv5_x in `backbone.extra[0]`. SSD's fc6/fc7 and extra layers keep
-    their initialisation, as in torchvision's ssd300_vgg16. As torchvision does for a pretrained
-    backbone, only the last `trainable_layers` of VGG's 5 stages train; the earlier ones freeze."""
-    path = Path(path)
-    key = "task.model.pretrained"
-    if not path.is_file():
-        raise ConfigError(key, f"{path}: not found; expected a torchvision VGG16 state dict "
-                               f"(e.g. vgg16_features-amdegroot-88682ab5.pth); null trains from scratch")
-    if not 1 <= trainable_layers <= 5:
-        raise ConfigError("task.model.trainable_backbone_layers", f"must be 1 to 5, got {trainable_layers}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises pickle, zip and runtime errors alike for a foreign file
-        raise ConfigError(key, f"{path}: cannot be loaded as a state dict ({exc})") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else {}
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    layers = sorted({int(k.split(".")[1]) for k in state if k.startswith("features.") and k.count(".") == 2
-                     and k.split(".")[1].isdigit()})
-    convs = [m for m in ssd.backbone.modules() if isinstance(m, nn.Conv2d)][:13]
-    shapes = [tuple(getattr(state.get(f"features.{i}.{p}"), "shape", ())) for i in layers for p in ("weight", "bias")]
-    if shapes != [tuple(t.shape) for m in convs for t in (m.weight, m.bias)]:
-        raise ConfigError(key, f"{path}: not a torchvision VGG16 state dict (expected the 13 convolutions "
-                               f"features.<i>.weight/bias of VGG16, found {len(layers)} features layers)")
-    with torch.no_grad():
-        for i, conv in zip(layers, convs):
-            conv.weight.copy_(state[f"features.{i}.weight"])
-            conv.bias.copy_(state[f"features.{i}.bias"])
-    features = ssd.backbone.features
-    starts = [0] + [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)] + [len(features)]
-    for module in features[:starts[5 - trainable_layers]]:
-        module.requires_grad_(False)
+        images = (images - self.mean) / self.std
+        if targets is not None:
+            loss, _ = centernet_loss(self.net(images), stack_targets(targets), self.size_weight, self.offset_weight)
+            return loss
+        if not self.flip_test:
+            return centernet_decode(self.net(images), k=self.max_detections, stride=CenterNet.stride)
+        both = self.net(torch.cat([images, images.flip(-1)]))
+        n = len(images)
+        return flip_test_decode({k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()},
+                                k=self.max_detections, stride=CenterNet.stride)
 
 
 class SSDDetector(nn.Module):
-    """torchvision's SSD300-VGG16 on [0, 1] images; `model(images, targets)` (train mode) -> the
-    sum of its MultiBox losses, `model(images)` (eval mode) -> its post-NMS detections."""
+    """SSD300 (projbench/models/ssd.py: `task.model.backbone` vgg16_bn or vgg16) on [0, 1]
+    images; `model(images, targets)` (train mode) -> the sum of its MultiBox losses,
+    `model(images)` (eval mode) -> its post-NMS detections."""
 
     size_multiple = 1  # SSD resizes its input to 300 x 300 itself
 
     def __init__(self, cfg: DictConfig, num_classes: int):
         super().__init__()
-        self.ssd = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=num_classes + 1,
-                                detections_per_img=int(cfg.max_detections))
-        if cfg.pretrained:
-            load_vgg16_backbone(self.ssd, cfg.pretrained, int(cfg.trainable_backbone_layers))
+        self.ssd = self.variant(cfg).build(num_classes + 1, cfg.pretrained, int(cfg.trainable_backbone_layers),
+                                           int(cfg.max_detections))
+
+    @staticmethod
+    def variant(cfg: DictConfig) -> SSDVariant:
+        if cfg.backbone not in SSD_VARIANTS:
+            raise ConfigError("task.model.backbone", f"SSD300 is built on {sorted(SSD_VARIANTS)}, not {cfg.backbone!r}")
+        return SSD_VARIANTS[cfg.backbone]
 
     @staticmethod
     def arch(cfg: DictConfig) -> str:
-        return "ssd300_vgg16"
+        return f"ssd300_{cfg.backbone}"
+
+    @staticmethod
+    def min_batch(cfg: DictConfig) -> int:
+        return SSDDetector.variant(cfg).min_batch
 
     @staticmethod
     def target_encoder(cfg: DictConfig, num_classes: int, image_size: int) -> None:
@@ -224,6 +217,11 @@ class CocoTask(Task):
         if self.image_size <= 0 or self.image_size % multiple:
             raise ConfigError("task.data.image_size", f"{self.cfg.model.detector} needs a positive multiple of "
                                                       f"{multiple}, got {self.image_size}")
+        per_rank, least = int(self.cfg.data.batch_size) // dist.world_size, self.detector.min_batch(self.cfg.model)
+        if per_rank < least:
+            raise ConfigError("task.data.batch_size", f"{self.detector.arch(self.cfg.model)} trains on at least "
+                                                      f"{least} images per rank (its BatchNorm at a 1 x 1 feature "
+                                                      f"map), got {per_rank}")
         root = self.prepare_fixture(dist, write_coco_fixture)
         names = self.cfg.data.splits
         self.splits = {"train": read_coco_split(root, names.train, training=True),
@@ -243,11 +241,13 @@ class CocoTask(Task):
 
     def train_dataset(self) -> Dataset:
         encode = self.detector.target_encoder(self.cfg.model, self.num_classes, self.image_size)
-        return CocoDetection(self.splits["train"].images, detection_transform(self.image_size, self.cfg.data.augment),
-                             encode)
+        return CocoDetection(self.splits["train"].images,
+                             detection_transform(self.image_size, self.cfg.data.augment, training=True), encode)
 
     def eval_datasets(self) -> dict[str, Dataset]:
-        return {"val": CocoDetection(self.splits["val"].images, detection_transform(self.image_size, None))}
+        augment = self.cfg.data.augment
+        transform = detection_transform(self.image_size, augment, training=False)
+        return {"val": CocoDetection(self.splits["val"].images, transform, window=AUGMENTATIONS[augment].window)}
 
     def loader_kwargs(self) -> dict:
         return {**super().loader_kwargs(), "collate_fn": collate_detection}
@@ -262,9 +262,8 @@ class CocoTask(Task):
         for images, targets in loader:
             for detections, target in zip(model(images.to(device, non_blocking=True)), targets):
                 image_id = int(target["image_id"])
-                height, width = target["orig_size"].tolist()
                 image_ids.append(image_id)
-                results += coco_results(detections, image_id, (width / self.image_size, height / self.image_size),
+                results += coco_results(detections, image_id, target["window"].tolist(), self.image_size,
                                         val.category_ids)
         results, image_ids = all_gather_list(results), all_gather_list(image_ids)
         return broadcast_object(coco_ap(val.coco, results, image_ids) if current_rank() == 0 else None)
