@@ -17,7 +17,7 @@ from torch import nn
 from projbench.optim import AdamP, SGDP
 from projbench.optim.wrapper import Projected
 from test_optim import (CL, DELTA, EPS, HALF_TOL, NOISE_ONLY, Branches, _forbid, backward, batch, loss_fn,
-                        make_net, max_diff, roundtrip, train)
+                        make_net, max_diff, roundtrip, steps_without_sync, train)
 
 WD = 1e-2
 
@@ -276,18 +276,7 @@ def test_step_never_reads_tensors_on_the_host(inner, kw, monkeypatch):
                          ids=["Adam", "SGD"])
 def test_cuda_step_does_not_sync(inner, kw):
     model = make_net(torch.float32).cuda()
-    opt = Projected(model.parameters(), inner=inner, weight_decay=WD, **kw)
-    x, y = (t.cuda() for t in batch(0, dtype=torch.float32))
-    for step in range(3):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        torch.cuda.synchronize()
-        if step > 0:  # the first step builds the projector (one upload)
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    steps_without_sync(model, Projected(model.parameters(), inner=inner, weight_decay=WD, **kw))
 
 
 def test_invalid_arguments():

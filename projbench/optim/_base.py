@@ -83,11 +83,9 @@ class ProjectedOptimizer(Optimizer):
                 loss = closure()
         self.last_projection = []
         for index, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
+            params = params_with_grad(group, type(self).__name__)
             if not params:
                 continue
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             multi = [p for p in params if p.dim() > 1]
             if group.get("compiled") and multi and self._fusable(multi):
                 # compiled kernels step the weights; 1-D parameters take the eager path
@@ -180,6 +178,14 @@ class ProjectedOptimizer(Optimizer):
         if single and wd > 0:
             torch._foreach_mul_([params[i] for i in single], 1 - lr * wd / decay_divisor)
         _add_scaled(params, updates, step_sizes)
+
+
+def params_with_grad(group: dict, optimizer: str) -> list[Tensor]:
+    """The group's parameters that have a gradient; sparse gradients are refused."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if any(p.grad.is_sparse for p in params):
+        raise RuntimeError(f"{optimizer} does not support sparse gradients")
+    return params
 
 
 def cached_projector(cache: dict[int, Projector], index: int, weights: list[Tensor], delta: float,

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from projbench.optim._base import ProjectionRecord, cached_projector, decay_factors
+from projbench.optim._base import ProjectionRecord, cached_projector, decay_factors, params_with_grad
 
 # constructor argument -> its key in the shared param-group dicts
 GROUP_KEYS = {"weight_decay": "proj_weight_decay", "delta": "proj_delta", "wd_ratio": "proj_wd_ratio",
@@ -135,9 +135,7 @@ class Projected(Optimizer):
                 loss = closure()
         stepped = []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("Projected does not support sparse gradients")
+            params = params_with_grad(group, "Projected")
             # 1-D parameters are never projected: their step needs no change without decay
             tracked = [p for p in params if p.dim() > 1 or group[GROUP_KEYS["weight_decay"]] > 0]
             copies = [self._copy_buffer(p) for p in tracked]
