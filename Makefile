@@ -3,7 +3,7 @@
 # make results - create .venv if needed, install, run the toy and digits sweeps afresh (CPU is enough) and
 #              rebuild results/tables/{toy,digits}.{md,tex,csv} and their figures in results/figures/
 # make beyond  - the same for the "beyond the paper" table: every optimizer with and without the projection
-#              on digits and the toy (results/tables/beyond.*, results/figures/beyond/; ~half an hour on CPU)
+#              on digits and the toy (results/tables/beyond.*, results/figures/beyond/; ~11 minutes on 2 CPU cores)
 # Extra arguments: make run ARGS="task=toy optim=sgd"   make test PYTEST_ARGS="-k optim"
 PYTHON ?= python3
 VENV   := .venv
