@@ -1,4 +1,8 @@
-"""`python -m projbench task=<name> optim=<name> [seed=N] [key=value ...]`: the Hydra entry point."""
+"""`python -m projbench task=<name> optim=<name> [seed=N] [key=value ...]`: the Hydra entry point.
+
+`-m ... --cfg job` (which Hydra refuses) prints every cell of the sweep, resolved
+(projbench/sweeps.py).
+"""
 
 from __future__ import annotations
 
@@ -23,10 +27,15 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def main(cfg: DictConfig) -> float | None:
     from projbench.train import train  # imported here so `--help` and tab completion stay fast
 
+    from projbench.recipes import write_run_card
+
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
+        if int(os.environ.get("RANK", "0")) == 0:
+            sweep_keys = list(hydra_cfg.sweeper.get("params") or {}) if multirun else []
+            write_run_card(cfg, run_dir, list(hydra_cfg.overrides.task), sweep_keys, log=log.info)
         summary = train(cfg, run_dir)
     except (UserError, InterpolationResolutionError) as exc:
         # Bad input: one line, exit code 2, no traceback (HYDRA_FULL_ERROR=1 shows it).
@@ -61,5 +70,23 @@ def main(cfg: DictConfig) -> float | None:
     return None
 
 
+def _sweep_cfg_request(argv: list[str]) -> list[str] | None:
+    """The overrides of `-m/--multirun ... --cfg job` (None for any other command line)."""
+    flags = {"-m", "--multirun"}
+    if not flags & set(argv):
+        return None
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--cfg") and i + 1 < len(argv) and argv[i + 1] == "job":
+            rest = argv[:i] + argv[i + 2:]
+            rest = [a for a in rest if a not in flags | {"--resolve"}]
+            return None if any(a.startswith("-") for a in rest) else rest
+    return None
+
+
 if __name__ == "__main__":
+    request = _sweep_cfg_request(sys.argv[1:])
+    if request is not None:
+        from projbench.sweeps import print_cells
+
+        sys.exit(print_cells(request))
     main()

@@ -1,4 +1,5 @@
-"""OmegaConf resolvers that the config files use; registered when projbench is imported.
+"""OmegaConf resolvers that the config files use; registered when projbench is imported, so the
+CLI, Hydra's compose API in tests and projbench.tables (reading saved runs) all resolve them.
 
 `${fixture:A,B}` is A when the run trains on its task's fixture (`task.data.fixture=true`) and B
 otherwise. A task file uses it for the settings a tiny fixture needs (batch size, image size,
@@ -10,8 +11,10 @@ override does.
 (a node keyed by optimizer name, e.g. `task.recipes.${task.recipe}` of task=imagenet). An
 optimizer the row has no entry for takes the entry its config names in `optim.recipe_as`: the
 first of `recipe_as.entries` the row has, with the lr times `recipe_as.lr_factor[<entry>]`
-(default 1), and every `sources.*` string saying so and why (`recipe_as.why[<entry>]`) (e.g. lion: the row's AdamW entry, lr x 0.1,
-the Lion paper's advice). A projected optimizer lists its base first (lion_p: lion, then adamw).
+(default 1), decay stated in an lr-proportional convention divided by it (the per-step decay
+stays), and every `sources.*` string saying so and why (`recipe_as.why[<entry>]`); e.g. lion:
+the row's AdamW entry, lr x 0.1, the Lion paper's advice. A projected optimizer lists its base
+first (lion_p: lion, then adamw).
 A key the entry lacks (nesterov for Adam) is null, which build_optimizer does not pass on.
 """
 
@@ -21,7 +24,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from projbench.decay import register_resolvers as register_decay_resolvers
 from projbench.errors import ConfigError
+
+
+# Decay conventions (projbench/decay.py) whose per-step decay is proportional to the lr.
+LR_PROPORTIONAL = ("coupled", "decoupled_lr", "decoupled_lr_momentum")
 
 
 def _fixture(on_fixture: Any, otherwise: Any, *, _root_) -> Any:
@@ -48,10 +56,15 @@ def _optim_entry(row_path: str, key: str, *, _root_) -> Any:
     if name == optim.name or value is None:
         return value
     factor = float((optim.recipe_as.get("lr_factor") or {}).get(name, 1.0))
+    # decay stated in a convention whose per-step decay is proportional to lr keeps it: value / factor
+    decay_scaled = factor != 1.0 and OmegaConf.select(row[name], "decay.convention") in LR_PROPORTIONAL
     if key == "lr":
         return value * factor
+    if key == "decay.value" and decay_scaled:
+        return value / factor
     if key.startswith("sources."):
-        scaled = f", lr x {factor:g}" if key == "sources.lr" and factor != 1.0 else ""
+        scaled = {"sources.lr": f", lr x {factor:g}" if factor != 1.0 else "",
+                  "sources.decay": f", decay / {factor:g} (the same lr * wd)" if decay_scaled else ""}.get(key, "")
         why = (optim.recipe_as.get("why") or {}).get(name, f"conf/optim/{optim.name}.yaml")
         return f"{optim.name} has no entry here: {name}'s{scaled} ({why}); {name}'s source: {value}"
     return value
@@ -59,3 +72,5 @@ def _optim_entry(row_path: str, key: str, *, _root_) -> Any:
 
 OmegaConf.register_new_resolver("fixture", _fixture, replace=True)
 OmegaConf.register_new_resolver("projbench.optim_entry", _optim_entry, replace=True)
+# `${projbench.weight_decay:}` and `${projbench.decay_per_step:}` of conf/optim/*.yaml
+register_decay_resolvers()

@@ -87,6 +87,8 @@ class TableSpec:
     columns: tuple[Axis, ...]
     paper: dict[str, dict[str, float | None]]
     aliases: tuple[str, ...] = ()
+    version: str | None = None     # which version of the paper the numbers come from
+    sources: dict[str, str] = field(default_factory=dict)  # where `value`, `version` and the seeds come from
 
     def axis(self, kind: str, name: str) -> Axis:
         return next(a for a in (self.rows if kind == "row" else self.columns) if a.name == name)
@@ -124,7 +126,8 @@ def _table(name: str, raw: dict) -> TableSpec:
         value=raw.get("value", "final"), direction=raw["direction"], units=str(raw.get("units", "")),
         decimals=int(raw.get("decimals", 2)), select=dict(raw.get("select") or {}),
         row_header=raw.get("row_header", ""), info_columns=tuple(raw.get("info_columns") or ()),
-        rows=rows, columns=columns, aliases=tuple(raw.get("aliases") or ()),
+        rows=rows, columns=columns, aliases=tuple(raw.get("aliases") or ()), version=raw.get("version"),
+        sources=dict(raw.get("sources") or {}),
         paper={str(r): dict(v or {}) for r, v in raw["paper"].items()})
     _validate(spec)
     return spec
@@ -680,8 +683,11 @@ def _footnotes(result: TableResult) -> list[str]:
                      "gain reproduced when the whole interval lies on the better side of 0, reversed when on the "
                      "worse side, else no clear difference (at 2-3 seeds the intervals are wide: no clear "
                      "difference is not evidence of none).")
+    if spec.version:
+        notes.append(f"Paper numbers: {spec.version}.")
     if spec.experiment:
-        notes.append(f"Runs: python -m projbench -m +experiment={spec.experiment}")
+        notes.append(f"Runs: python -m projbench -m +experiment={spec.experiment}; recipe: python -m "
+                     f"projbench.recipes --experiment {spec.experiment}")
     if result.missing:
         notes.append("missing: " + ", ".join(result.missing))
     if result.excluded:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU half of the optimizer issue (#2) and the loop benchmark's GPU run, in one command on a
-# lent GPU machine (/work/.library/device): the optimizer tests with their CUDA cases, the
+# lent GPU machine: the optimizer tests with their CUDA cases, the
 # detectors' CUDA cases (deformable convolution against the CPU, bf16 and channels_last training
 # steps of CenterNet and the BatchNorm SSD), the optimizer step benchmark against torch's fused
 # AdamW / foreach SGD, and the training-loop overhead benchmark. Not yet run on a GPU; my

@@ -26,7 +26,8 @@ def test_unknown_optimizer_lists_valid_ones(tmp_path):
 
 def test_bad_values_fail_fast_with_exit_2_and_no_traceback(tmp_path):
     for override, key in [("optim.lr=0", "optim.lr"), ("trainer.schedule.name=linear", "trainer.schedule.name"),
-                          ("trainer.precision=fp8", "trainer.precision")]:
+                          ("trainer.precision=fp8", "trainer.precision"),
+                          ("optim.decay.convention=l2", "optim.decay.convention")]:
         out = run_cli(FAST + [override, f"hydra.run.dir={tmp_path / key}"], tmp_path)
         assert out.returncode == 2, (override, out.stderr)
         assert key in out.stderr
@@ -62,6 +63,12 @@ def test_single_run_writes_its_records(tmp_path):
     assert top1["direction"] == "max" and 0 <= top1["final"] <= 100
     for key in ("git_commit", "torch_version", "device", "wall_seconds", "model"):
         assert key in summary
+    # the recipe card: every recipe value with its source, command-line values marked, logged first
+    rows = {e["key"]: e for e in json.loads((run_dir / "recipe.json").read_text())["entries"]}
+    assert rows["task.model.arch"]["value"] == "resnet10t" and rows["task.model.arch"]["origin"] == "command line"
+    assert rows["optim.delta"]["source"].startswith("paper") and rows["optim.decay"]["value"]["convention"]
+    assert "| `task.model.arch` | resnet10t | command line |" in (run_dir / "recipe.md").read_text()
+    assert "recipe task.model.arch = resnet10t" in (run_dir / "__main__.log").read_text().splitlines()[0]
 
 
 def test_nan_loss_stops_the_run_and_marks_it_failed(tmp_path):

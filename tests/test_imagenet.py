@@ -3,22 +3,22 @@ images, learning on the fixture, CutMix, and the table recipes."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from conftest import CONF, make_cfg, run_cli
+from conftest import make_cfg, run_cli
 from projbench.data.image_folder import BadImageError
+from projbench.data.transforms import IMAGENET_EIGENVALUES, IMAGENET_EIGENVECTORS, PCALighting
 from projbench.distributed import DistInfo
 from projbench.errors import ConfigError, DataError
-from projbench.tasks.imagenet import FIXTURE, ImageNetTask
+from projbench.sweeps import compose_cells
+from projbench.tasks.imagenet import FIXTURE, ImageNetTask, imagenet_transforms
 from projbench.train import build_trainer
 
 SIZE = 32  # image_size of the tests: a tiny ResNet at 32x32 trains in seconds on a CPU
@@ -191,38 +191,68 @@ def test_cutmix_trains_on_soft_targets(data_dir, tmp_path):
 
 
 # -- recipes ----------------------------------------------------------------------------------
-def _sweep_cells(experiment: str) -> list:
-    """Every job config of `-m +experiment=<experiment>`: the product of hydra.sweeper.params."""
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        primary = compose(config_name="config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
-        params = OmegaConf.to_container(primary.hydra.sweeper.params, resolve=True)
-        choices = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
-        return [compose(config_name="config", overrides=[f"+experiment={experiment}", *cell])
-                for cell in itertools.product(*choices)]
+@pytest.fixture(scope="module")
+def table1() -> list:
+    """Every cell of `-m +experiment=imagenet_table1`, composed once."""
+    return [cell.cfg for cell in compose_cells(["+experiment=imagenet_table1"])]
 
 
-def test_table1_sweep_has_every_row_and_optimizer_with_its_recipe():
-    cells = _sweep_cells("imagenet_table1")
+def test_table1_sweep_has_every_row_and_optimizer_with_its_recipe(table1):
+    cells = table1
     rows = {(c.task.model.arch, c.task.cutmix, c.optim.name) for c in cells}
     assert rows == {(arch, cutmix, optim) for arch, cutmix in
                     [("mobilenetv2_100", False), ("resnet18", False), ("resnet50", False), ("resnet50", True)]
-                    for optim in ("sgd", "sgdp", "adam", "adamp")}
+                    for optim in ("sgd", "sgdp", "adamw", "adamp")}
     assert len(cells) == 16
     for c in cells:
         assert c.task.name == "imagenet" and c.task.data.batch_size == 256
         sgd_like = c.optim.name in ("sgd", "sgdp")
         mobilenet = c.task.model.arch == "mobilenetv2_100"
-        assert c.optim.lr == ((0.05 if mobilenet else 0.1) if sgd_like else 1e-3)
-        assert c.optim.weight_decay == (4e-5 if mobilenet else 1e-4)
+        assert c.optim.lr == ({True: 0.05, False: 0.1} if sgd_like else {True: 2e-3, False: 1e-3})[mobilenet]
         assert c.trainer.max_epochs == (150 if mobilenet else 300 if c.task.cutmix else 90)
         assert c.trainer.schedule.name == ("step" if sgd_like and not mobilenet else "cosine")
         assert c.trainer.schedule.step_size == (75 if c.task.cutmix else 30)
+        assert dict(c.task.model.kwargs) == ({} if mobilenet else {"zero_init_last": False})
 
 
-def test_table2_sweep_is_resnet18_with_and_without_weight_decay():
-    cells = _sweep_cells("imagenet_table2")
-    got = sorted((c.optim.name, c.optim.weight_decay) for c in cells)
-    assert got == sorted((o, wd) for o in ("sgd", "sgdp", "adam", "adamp") for wd in (1e-4, 0))
+def test_cutmix_row_follows_the_cutmix_code_and_the_other_rows_do_not(table1):
+    """clovaai/CutMix-PyTorch train.py: SGD with Nesterov momentum, ColorJitter 0.4, PCA lighting 0.1."""
+    for c in table1:
+        sgd_like = c.optim.name in ("sgd", "sgdp")
+        assert c.optim.get("nesterov") == ((c.task.cutmix if sgd_like else False) if c.optim.name != "adamw" else None)
+        assert (c.task.data.color_jitter, c.task.data.lighting) == ((0.4, 0.1) if c.task.cutmix else (None, 0.0))
+        assert (c.task.cutmix_alpha, c.task.cutmix_prob) == (1.0, 1.0)
+        if c.task.cutmix and sgd_like:
+            assert (c.optim.lr, c.optim.momentum, c.optim.decay.value, c.optim.decay.convention) == (
+                0.1, 0.9, 1e-4, "coupled")
+    train_tf, _ = imagenet_transforms(make_cfg(["task=imagenet", "task.recipe=resnet50_cutmix"]).task.data)
+    names = [type(t).__name__ for t in train_tf.transforms]
+    assert names[names.index("PCALighting") + 1] == "Normalize" and "ColorJitter" in names
+    train_tf, _ = imagenet_transforms(make_cfg(["task=imagenet"]).task.data)
+    assert not {"PCALighting", "ColorJitter"} & {type(t).__name__ for t in train_tf.transforms}
+
+
+def test_pca_lighting_shifts_each_image_along_the_imagenet_colour_components():
+    torch.manual_seed(0)
+    image = torch.rand(3, 8, 8)
+    shifts = torch.stack([(PCALighting(0.1)(image) - image)[:, 0, 0] for _ in range(4000)])
+    per_pixel = PCALighting(0.1)(image) - image
+    assert torch.allclose(per_pixel, per_pixel[:, :1, :1].expand_as(per_pixel)), "one shift for the whole image"
+    vectors = torch.tensor(IMAGENET_EIGENVECTORS)
+    values = torch.tensor(IMAGENET_EIGENVALUES)
+    alphas = torch.linalg.solve(vectors, shifts.T).T / values   # back to the random coefficients
+    assert alphas.mean(0).abs().max() < 0.01 and torch.allclose(alphas.std(0), torch.full((3,), 0.1), rtol=0.05)
+    assert torch.equal(PCALighting(0.0)(image), image)
+    with pytest.raises(ValueError):
+        PCALighting(-0.1)
+
+
+def test_table2_sweep_is_resnet18_with_and_without_each_optimizers_decay():
+    cells = [cell.cfg for cell in compose_cells(["+experiment=imagenet_table2"])]
+    got = sorted((c.optim.name, c.table2_column, c.optim.weight_decay) for c in cells)
+    assert got == sorted([(o, "baseline", wd) for o, wd in (("sgd", 1e-4), ("sgdp", 1e-4), ("adamw", 0.1),
+                                                          ("adamp", 0.1))]
+                         + [(o, "no_decay", 0.0) for o in ("sgd", "sgdp", "adamw", "adamp")])
     assert {(c.task.name, c.task.model.arch, c.task.cutmix) for c in cells} == {("imagenet", "resnet18", False)}
 
 
@@ -232,4 +262,6 @@ def test_experiment_cfg_job_resolves_through_the_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     job = OmegaConf.create(out.stdout)
     assert (job.task.model.arch, job.task.cutmix, job.optim.name) == ("resnet50", True, "adamp")
-    assert (job.optim.lr, job.optim.weight_decay, job.trainer.max_epochs) == (1e-3, 1e-4, 300)
+    assert (job.optim.lr, job.optim.weight_decay, job.trainer.max_epochs) == (1e-3, 0.1, 300)
+    assert (job.optim.decay.value, job.optim.decay.convention, job.optim.decay_per_step) == (1e-4, "decoupled", 1e-4)
+    assert job.optim.sources.decay.startswith("paper: 1e-4 in the AdamW paper's notation")

@@ -56,7 +56,7 @@ def test_projected_config_without_projection_is_its_base(name):
     are: the `_p` config passes every argument to its base optimizer unchanged."""
     runs = []
     for overrides in ([f"optim={name}", "optim.delta=0"], [f"optim={name.removesuffix('_p')}"]):
-        cfg = make_cfg([*overrides, "optim.weight_decay=0"])
+        cfg = make_cfg([*overrides, "optim.decay.value=0"])
         model = make_net(torch.float64)
         train(model, build_optimizer(cfg.optim, model), 5)
         runs.append(model)
@@ -73,8 +73,17 @@ def test_recipe_without_an_entry_takes_the_one_its_config_names():
     lion_p = make_cfg(["task=imagenet", "optim=lion_p", "task.recipe=resnet50_cutmix"])
     assert lion_p.optim.lr == pytest.approx(0.1 * make_cfg(["task=imagenet", "optim=adamw",
                                                              "task.recipe=resnet50_cutmix"]).optim.lr)
+    # AdamW's per-step decay kept at a tenth of its lr: Lion's argument x 10 (the Lion paper's rule),
+    # whether the row states it per step (ResNets) or in torch's lr * wd (MobileNetV2)
+    for recipe in ("resnet18", "mobilenetv2"):
+        ref, cfg = (make_cfg(["task=imagenet", f"optim={o}", f"task.recipe={recipe}"]) for o in ("adamw", "lion_p"))
+        assert cfg.optim.decay_per_step == pytest.approx(ref.optim.decay_per_step)
+        assert cfg.optim.weight_decay == pytest.approx(10 * ref.optim.weight_decay)
+    assert "lion has no entry here: adamw's, lr x 0.1" in lion.optim.sources.lr
     sgd, sgd_p = (make_cfg(["task=imagenet", f"optim={o}"]) for o in ("sgd", "sgd_p"))
     assert (sgd_p.optim.lr, sgd_p.trainer.schedule.name) == (sgd.optim.lr, sgd.trainer.schedule.name)
+    # SGD's coupled 1e-4 is the wrapper's 1e-3 (SGDP's 1e-4 / (1 - momentum)): the same per-step decay
+    assert (sgd_p.optim.weight_decay, sgd_p.optim.decay_per_step) == pytest.approx((1e-3, sgd.optim.decay_per_step))
     assert make_cfg(["task=imagenet", "optim=lion", "optim.lr=3e-4"]).optim.lr == 3e-4  # the command line wins
 
 

@@ -121,8 +121,9 @@ def test_paper_values_are_the_papers():
     specs = load_spec()
     assert {"digits", "table1", "table2", "table3", "table4a", "table4b", "table4c", "table5", "table6",
             "table7"} <= set(specs)
-    spot = {  # (table, row, column): number in /work/shared/paper.md
+    spot = {  # (table, row, column): the project page's number
         ("table1", "MobileNetV2", "SGD"): 71.61, ("table1", "ResNet50 + CutMix", "AdamP"): 78.31,
+        ("table1", "ResNet18", "AdamW"): 70.41, ("table2", "AdamW", "w/o weight decay"): 68.52,
         ("table2", "SGD", "w/o weight decay"): 67.94, ("table2", "AdamP", "Baseline"): 70.81,
         ("table3", "SSD, ImageNet", "Adam"): 28.39, ("table3", "CenterNet, scratch", "AdamP"): 27.11,
         ("table4a", "l_2, eps 80/255", "AdamP attacked"): 83.59, ("table4b", "AdamP", "avg"): 68.0,
@@ -162,17 +163,19 @@ def test_selectors_route_runs_to_their_cells_and_deltas_follow_the_paper():
 
     runs = [imagenet("sgd", 1e-4, 0, 70.0), imagenet("sgd", 1e-4, 1, 70.2), imagenet("sgdp", 1e-4, 0, 70.6),
             imagenet("sgd", 0.0, 0, 68.0), imagenet("adamp", 0, 0, 69.9),
-            imagenet("sgd", 1e-4, 0, 10.0, cutmix=True)]          # another row: must not mix in
+            imagenet("sgd", 1e-4, 0, 10.0, cutmix=True),          # another row: must not mix in
+            imagenet("adamw", 0.1, 0, 70.3), imagenet("adam", 1e-4, 0, 50.0)]   # torch Adam is no column
     t1 = build_table(specs["table1"], runs)
     sgd = t1.cells[("ResNet18", "SGD")]
     assert (sgd.n, sgd.mean) == (2, pytest.approx(70.1))       # weight-decay-free runs stay out
     assert t1.cells[("ResNet18", "SGDP")].delta == pytest.approx(0.5)
     assert t1.cells[("ResNet18", "SGDP")].paper_delta == pytest.approx(70.73 - 70.28)
     assert t1.cells[("ResNet50 + CutMix", "SGD")].n == 0        # arch differs
+    assert (t1.cells[("ResNet18", "AdamW")].n, t1.cells[("ResNet18", "AdamW")].mean) == (1, 70.3)
     t2 = build_table(specs["table2"], runs)
     assert t2.cells[("SGD", "w/o weight decay")].mean == 68.0
     assert t2.cells[("AdamP", "w/o weight decay")].mean == 69.9
-    assert t2.cells[("AdamP", "w/o weight decay")].delta is None  # no Adam run: no delta
+    assert t2.cells[("AdamP", "w/o weight decay")].delta is None  # no AdamW run: no delta
     assert t2.cells[("SGD", "Baseline")].n == 2
     # Table 4b's average column is the mean of the row's rho columns, once all of them exist.
     rho = [_fake({"task": {"name": "biased_mnist", "data": {"rho": r}}, "optim": {"name": "adam"}}, None)
@@ -370,9 +373,9 @@ def test_a_made_up_table1_gets_intervals_verdicts_claims_and_compute():
     for seed, (sgd, sgdp, adam, adamp) in enumerate([(70.0, 71.0, 70.3, 70.3), (70.2, 71.0, 70.5, 70.5),
                                                       (70.1, 71.2, 70.4, 70.4)]):
         runs += [_imagenet("resnet18", "sgd", seed, sgd), _imagenet("resnet18", "sgdp", seed, sgdp),
-                 _imagenet("resnet18", "adam", seed, adam), _imagenet("resnet18", "adamp", seed, adamp)]
+                 _imagenet("resnet18", "adamw", seed, adam), _imagenet("resnet18", "adamp", seed, adamp)]
     runs += [_imagenet("resnet50", "sgd", 0, 76.0), _imagenet("resnet50", "sgdp", 0, 76.5),
-             _imagenet("resnet50", "adam", 0, 76.2, status="failed", wall=50.0)]
+             _imagenet("resnet50", "adamw", 0, 76.2, status="failed", wall=50.0)]
     result = build_table(load_spec()["table1"], runs)
     sgd = result.cells[("ResNet18", "SGD")]            # 70.0, 70.2, 70.1: mean 70.1, std 0.1
     assert (sgd.n, sgd.mean, sgd.std) == (3, pytest.approx(70.1), pytest.approx(0.1))
@@ -386,7 +389,7 @@ def test_a_made_up_table1_gets_intervals_verdicts_claims_and_compute():
     assert result.cells[("ResNet50", "AdamP")].comparison.reason == "no runs"
     assert [c.text() for c in result.claims()] == [
         "SGDP > SGD: gain reproduced in 1 of 4 rows, untested in 3 (n = 1, no runs); paper: a gain in 4 of 4",
-        "AdamP > Adam: gain reproduced in 0 of 4 rows, no clear difference in 1, untested in 3 (no runs); "
+        "AdamP > AdamW: gain reproduced in 0 of 4 rows, no clear difference in 1, untested in 3 (no runs); "
         "paper: a gain in 4 of 4"]
     # 14 runs x 100 s x 8 GPUs + the failed one, 50 s x 8: 11600 s.
     assert tables.compute_line(result).startswith("Compute: cuda 3.2 h in 15 runs (wall time x world size")
@@ -396,7 +399,7 @@ def test_a_made_up_table1_gets_intervals_verdicts_claims_and_compute():
     assert "| SGDP − SGD | ResNet18 | +0.97 | [+0.59, +1.35] | 3 paired seeds | gain reproduced | +0.45 |" in markdown
     assert "| SGDP − SGD | ResNet50 | +0.50 |  | 1 + 1 runs | untested (n = 1) | +0.07 |" in markdown
     assert "Claim: SGDP > SGD: gain reproduced in 1 of 4 rows" in markdown
-    assert "excluded: 1 failed (ResNet50/Adam seed 0)" in markdown
+    assert "excluded: 1 failed (ResNet50/AdamW seed 0)" in markdown
     tex = tables.render_latex(result)
     assert r"70.73$^\dagger$" in tex and r"70.28$^\dagger$" not in tex and "outside our 95" in tex
 

@@ -9,12 +9,14 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from projbench.decay import check as check_decay
 from projbench.errors import ConfigError
 
-# Keys of conf/optim/*.yaml that are ours, not the optimizer's arguments (`sources`: where each
-# recipe value comes from, as a task yaml may write beside optim.lr; `recipe_as`: which entry of a
-# task's per-optimizer recipe an optimizer without one of its own takes, projbench/config.py).
-_META_KEYS = ("name", "_target_", "no_decay_bias_norm", "sources", "recipe_as")
+# Keys of conf/optim/*.yaml that are ours, not the optimizer's arguments: `decay` is the weight
+# decay as the recipe states it (projbench/decay.py turns it into `weight_decay`), `sources`
+# where each recipe value comes from, `recipe_as` which entry of a task's per-optimizer recipe an
+# optimizer without one of its own takes (projbench/config.py).
+_META_KEYS = ("name", "_target_", "no_decay_bias_norm", "decay", "decay_per_step", "sources", "recipe_as")
 
 
 def param_groups(model: nn.Module, no_decay_bias_norm: bool, extra_groups: Iterable[dict] = ()) -> list[dict]:
@@ -41,14 +43,18 @@ def check_optim_config(cfg: DictConfig) -> None:
     lr = cfg.get("lr")
     if lr is None or lr <= 0:
         raise ConfigError("optim.lr", f"must be > 0, got {lr}")
+    check_decay(cfg)
     if "weight_decay" in cfg and cfg.weight_decay < 0:
         raise ConfigError("optim.weight_decay", f"must be >= 0, got {cfg.weight_decay}")
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module, extra_groups: Iterable[dict] = ()) -> torch.optim.Optimizer:
-    """The optimizer named by `cfg` (a conf/optim/*.yaml node) over `model`'s parameters."""
+    """The optimizer named by `cfg` (a conf/optim/*.yaml node) over `model`'s parameters.
+    Arguments set to null are not passed (the optimizer's default applies), so a task may set an
+    argument that only some optimizers have (e.g. `nesterov`) to null for the others."""
     check_optim_config(cfg)
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in _META_KEYS}
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+              if k not in _META_KEYS and v is not None}
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     try:

@@ -3,8 +3,9 @@
 Data: the official class-folder layout, `<task.data.root>/{train,val}/<wnid>/*.JPEG`, read by
 projbench/data/image_folder.py (torchvision's ImageFolder, checked before training; unreadable
 files skipped or raised per `task.data.on_bad_image`). Transforms are timm's `create_transform`:
-train = random-resized crop + horizontal flip, eval = resize to image_size / crop_pct (256 for
-224) and centre crop. `task.data.fixture=true` writes a tiny tree in the same layout (rank 0,
+train = random-resized crop + horizontal flip (+ colour jitter with `task.data.color_jitter`, and
+AlexNet's PCA lighting noise before normalisation with `task.data.lighting`, as the CutMix
+recipe), eval = resize to image_size / crop_pct (256 for 224) and centre crop. `task.data.fixture=true` writes a tiny tree in the same layout (rank 0,
 once, under `task.data.fixture_root`) and reads it through the same reader.
 
 Model, loss and metrics are ClassificationTask's (a timm model, cross-entropy with optional
@@ -22,9 +23,11 @@ from timm.data import Mixup, create_transform
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import Compose, Normalize
 
 from projbench.data.fixtures import write_imagenet_fixture
 from projbench.data.image_folder import ON_BAD_IMAGE, ImageFolderSplit, read_split
+from projbench.data.transforms import PCALighting
 from projbench.distributed import DistInfo
 from projbench.errors import ConfigError, DataError
 from projbench.tasks.classification import ClassificationTask
@@ -38,10 +41,17 @@ HINT = ("Prepare ImageNet-1k in that layout (train/<wnid>/*.JPEG and val/<wnid>/
 
 def imagenet_transforms(data: DictConfig):
     """(train, eval) transforms from timm for `task.data`'s image_size, crop_scale, hflip,
-    color_jitter, interpolation and crop_pct: random-resized crop + flip; resize + centre crop."""
+    color_jitter, interpolation and crop_pct: random-resized crop + flip (+ colour jitter, + PCA
+    lighting with `lighting` > 0 on the [0, 1] tensor just before normalisation); resize + centre
+    crop."""
     size, interpolation = int(data.image_size), str(data.interpolation)
     train = create_transform(size, is_training=True, scale=tuple(data.crop_scale), hflip=float(data.hflip),
                              color_jitter=data.color_jitter, interpolation=interpolation)
+    lighting = float(data.get("lighting") or 0.0)
+    if lighting:
+        steps = list(train.transforms)
+        at = next(i for i, step in enumerate(steps) if isinstance(step, Normalize))
+        train = Compose(steps[:at] + [PCALighting(lighting)] + steps[at:])
     evaluation = create_transform(size, is_training=False, crop_pct=float(data.crop_pct), interpolation=interpolation)
     return train, evaluation
 
