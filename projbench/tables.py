@@ -13,7 +13,8 @@ filled with the paper's number. A projected optimizer's cell is compared with it
 over shared seeds, or Welch) and gets a verdict (projbench/stats.py); each table adds a claims line
 (the verdicts per pair of optimizers) and a compute line (wall seconds x world size per device).
 Tables go to <out>/tables/<table>.<ext> and stdout; figures (projbench/figures.py) to
-<out>/figures/.
+<out>/figures/: training curves per task, and the figure a table names in its `figure:` entry
+(drawn from that table's runs).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class TableSpec:
     aliases: tuple[str, ...] = ()
     version: str | None = None     # which version of the paper the numbers come from
     sources: dict[str, str] = field(default_factory=dict)  # where `value`, `version` and the seeds come from
+    figure: dict[str, Any] = field(default_factory=dict)  # {kind: ..., ...}: projbench/figures.py TABLE_FIGURES
 
     def axis(self, kind: str, name: str) -> Axis:
         return next(a for a in (self.rows if kind == "row" else self.columns) if a.name == name)
@@ -127,7 +129,7 @@ def _table(name: str, raw: dict) -> TableSpec:
         decimals=int(raw.get("decimals", 2)), select=dict(raw.get("select") or {}),
         row_header=raw.get("row_header", ""), info_columns=tuple(raw.get("info_columns") or ()),
         rows=rows, columns=columns, aliases=tuple(raw.get("aliases") or ()), version=raw.get("version"),
-        sources=dict(raw.get("sources") or {}),
+        sources=dict(raw.get("sources") or {}), figure=dict(raw.get("figure") or {}),
         paper={str(r): dict(v or {}) for r, v in raw["paper"].items()})
     _validate(spec)
     return spec
@@ -137,6 +139,12 @@ def _validate(spec: TableSpec) -> None:
     row_names, col_names = [r.name for r in spec.rows], [c.name for c in spec.columns]
     if spec.value not in VALUE_KINDS:
         raise SpecError(f"{spec.name}: value must be one of {', '.join(VALUE_KINDS)}, got {spec.value!r}")
+    if spec.figure:
+        from projbench.figures import TABLE_FIGURES
+
+        if spec.figure.get("kind") not in TABLE_FIGURES:
+            raise SpecError(f"{spec.name}: figure kind must be one of {sorted(TABLE_FIGURES)}, "
+                            f"got {spec.figure.get('kind')!r}")
     for kind, axes, names in (("row", spec.rows, row_names), ("column", spec.columns, col_names)):
         for axis in axes:
             if axis.value is not None and axis.value not in VALUE_KINDS:
@@ -371,6 +379,7 @@ class Cell:
     paper: float | None
     samples: dict[Any, float] = field(default_factory=dict)  # seed -> reported value
     finals: dict[Any, float] = field(default_factory=dict)   # seed -> final value, when `which` is not
+    runs: dict[Any, Run] = field(default_factory=dict)       # seed -> the run behind its value
     models: set[str] = field(default_factory=set)
     excluded: dict[str, int] = field(default_factory=dict)
     derived_from: tuple[str, ...] = ()
@@ -547,6 +556,7 @@ def build_table(spec: TableSpec, runs: list[Run]) -> TableResult:
                 cell.samples[seed] = value
                 if cell.which != "final":
                     cell.finals[seed] = run.metric(cell.metric, "final")
+                cell.runs[seed] = run
                 if run.summary.get("model"):
                     cell.models.add(str(run.summary["model"]))
     _fill_derived(spec, cells)
@@ -905,11 +915,13 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
             info(f"wrote {path}")
     if args.figures:
-        from projbench.figures import write_figures
+        from projbench.figures import write_figures, write_table_figures
 
-        plotted = {run.id: run for result in results for run in result.runs} if args.table else \
-            {run.id: run for run in runs}
-        for path in write_figures([r for r in plotted.values() if r.run_dir is not None], out / "figures"):
+        # with --table, the tables' runs; a table that names its own figure gets that one instead
+        plotted = {run.id: run for result in results if not result.spec.figure for run in result.runs} \
+            if args.table else {run.id: run for run in runs}
+        paths = write_figures([r for r in plotted.values() if r.run_dir is not None], out / "figures")
+        for path in paths + write_table_figures(results, out / "figures"):
             info(f"wrote {path}")
     return 0
 

@@ -19,7 +19,7 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,10 @@ class Trainer:
     plan: PhasePlan  # trainer.phases
     step: int = 0
     phase: int = 0  # the index in `plan` of the phase in force
+    monitor: diagnostics.ScaleInvariance = field(init=False)  # weight norms, effective steps
+
+    def __post_init__(self):
+        self.monitor = diagnostics.ScaleInvariance(self.cfg.trainer.diagnostics_every)
 
     @property
     def epoch(self) -> float:
@@ -289,8 +293,7 @@ class Trainer:
             if tr.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
-            diag_due = bool(tr.diagnostics_every) and (self.step + 1) % tr.diagnostics_every == 0
-            detected = diagnostics.detect(self.optimizer) if diag_due else None
+            pending = self.monitor.before_step(self.optimizer, self.step + 1)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.step += 1
@@ -299,10 +302,8 @@ class Trainer:
             loss_sum += loss
             losses_in_window += 1
 
-            if diag_due:
-                values = diagnostics.scale_invariance(self.optimizer, detected)
-                if values:
-                    self.recorder.log("diag", values, self.step, self.epoch)
+            if values := self.monitor.after_step(self.optimizer, pending):
+                self.recorder.log("diag", values, self.step, self.epoch)
             self.optimizer.zero_grad(set_to_none=True)
             with warnings.catch_warnings():
                 # GradScaler skips optimizer.step() on a step with inf/NaN gradients (the first few
@@ -419,11 +420,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         trainer.fit()
         selection = trainer.evaluate_selected()
     except BaseException as exc:
+        extra["scale_invariant"] = trainer.monitor.summary()
         trainer.recorder.write_summary(status="failed", steps=trainer.step, epoch=trainer.epoch,
                                        extra=extra, error=str(exc) or type(exc).__name__, **common)
         raise
     if selection is not None:
         extra["selection"] = selection
+    extra["scale_invariant"] = trainer.monitor.summary()  # the share of the model SGDP / AdamP act on
     if trainer.dist.is_main:
         history = trainer.recorder.history()
         extra["derived"] = trainer.task.summarize(history)

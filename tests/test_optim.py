@@ -1,5 +1,6 @@
-"""SGDP and AdamP (projbench.optim): the same numbers as the official `adamp` 0.3.0, and the
-behaviour a training loop relies on (channels_last, half weights, GradScaler, checkpoints, no
+"""SGDP and AdamP (projbench.optim): the same numbers as the official `adamp` 0.3.0 (and, for
+SGDP's Algorithm 1 form, as timm's SGDP and a plain transcription of the paper's Algorithm 1), and
+the behaviour a training loop relies on (channels_last, half weights, GradScaler, checkpoints, no
 host-device sync in `step()`)."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 
 import adamp
 import pytest
+import timm.optim
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,7 +101,14 @@ def official_view(w, g):
     return None
 
 
-# (name, our class, official class, kwargs)
+def sgdp_alg1(params, **kw):
+    """SGDP in the form of the paper's Algorithm 1 (the buffer is not projected)."""
+    return SGDP(params, project_buffer=False, **kw)
+
+
+# (name, our optimizer, reference optimizer, kwargs). The official SGDP form against `adamp`
+# 0.3.0; the Algorithm 1 form against timm's SGDP, which is the official code with the buffer
+# cloned before the projection (timm/optim/sgdp.py), Nesterov and decay handled alike.
 CASES = [
     *[(f"SGDP-nesterov{int(n)}-wd{wd}", SGDP, adamp.SGDP, dict(lr=0.1, momentum=0.9, nesterov=n, weight_decay=wd))
       for n in (False, True) for wd in (0.0, 1e-2)],
@@ -107,6 +116,9 @@ CASES = [
     ("SGDP-dampening-nesterov", SGDP, adamp.SGDP,
      dict(lr=0.1, momentum=0.9, dampening=0.3, nesterov=True, weight_decay=1e-2)),
     ("SGDP-no-momentum", SGDP, adamp.SGDP, dict(lr=0.1, weight_decay=1e-2)),
+    *[(f"SGDP-alg1-nesterov{int(n)}-wd{wd}", sgdp_alg1, timm.optim.SGDP,
+       dict(lr=0.1, momentum=0.9, nesterov=n, weight_decay=wd)) for n, wd in ((False, 0.0), (False, 1e-2), (True, 1e-2))],
+    ("SGDP-alg1-dampening", sgdp_alg1, timm.optim.SGDP, dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=1e-2)),
     *[(f"AdamP-nesterov{int(n)}-wd{wd}", AdamP, adamp.AdamP, dict(lr=1e-2, nesterov=n, weight_decay=wd))
       for n in (False, True) for wd in (0.0, 1e-2)],
 ]
@@ -154,6 +166,66 @@ def test_matches_official_float64(name, cls, official_cls, kw, compiled_path):
     assert max_diff(model, ref) < 1e-8
     if compiled:  # the fused path ran (not the eager one)
         assert fused_kernels.kernel.cache_info().currsize >= 2
+
+
+def algorithm1_step(params, bufs, lr: float, momentum: float) -> None:
+    """The paper's Algorithm 1 (SGDP), transcribed in float64: p = momentum * p + grad; a weight
+    that passes the scale-invariance test (the official code's channel, then layer view) steps by
+    the projection of p off w in that view, any other by p; p itself is never projected."""
+    with torch.no_grad():
+        for w, p in zip(params, bufs):
+            p.mul_(momentum).add_(w.grad)
+            view = official_view(w, w.grad) if w.dim() > 1 else None
+            update = p.clone()
+            if view is not None:
+                rows = w.size(0) if view == "channel" else 1
+                w_rows, u_rows = w.reshape(rows, -1), update.view(rows, -1)
+                w_unit = w_rows / (w_rows.norm(dim=1, keepdim=True) + EPS)
+                u_rows -= w_unit * (w_unit * u_rows).sum(1, keepdim=True)
+            w.sub_(lr * update)
+
+
+def test_algorithm1_form_matches_a_transcription_of_the_paper(compiled_path):
+    model = make_net()
+    ref = copy.deepcopy(model)
+    opt = SGDP(model.parameters(), lr=0.1, momentum=0.9, project_buffer=False, compiled=compiled_path)
+    ref_bufs = [torch.zeros_like(p) for p in ref.parameters()]
+    for step in range(25):
+        for m in (model, ref):
+            m.zero_grad()
+            backward(m, step)
+        opt.step()
+        algorithm1_step(list(ref.parameters()), ref_bufs, lr=0.1, momentum=0.9)
+    assert max_diff(model, ref) < 1e-8
+    # the buffer is the plain momentum sum of the gradients: it keeps its radial part
+    assert all(torch.allclose(opt.state[p]["momentum"], b, atol=1e-10) for p, b in zip(model.parameters(), ref_bufs))
+
+
+def test_the_two_forms_differ_without_nesterov_only():
+    def final(project_buffer, nesterov):
+        model = make_net()
+        train(model, SGDP(model.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, project_buffer=project_buffer), 10)
+        return model
+
+    assert max_diff(final(True, False), final(False, False)) > 1e-4
+    assert max_diff(final(True, True), final(False, True)) == 0
+
+
+def test_state_dict_without_the_form_loads_as_the_official_form():
+    """A checkpoint written before `project_buffer` existed resumes in the official form."""
+    model = make_net()
+    opt = SGDP(model.parameters(), lr=0.1, momentum=0.9)
+    train(model, opt, 3)
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["project_buffer"]
+    resumed = copy.deepcopy(model)
+    resumed_opt = SGDP(resumed.parameters(), lr=0.1, momentum=0.9, project_buffer=False)
+    resumed_opt.load_state_dict(roundtrip(saved))
+    assert all(g["project_buffer"] for g in resumed_opt.param_groups)
+    train(model, opt, 3, start=3)
+    train(resumed, resumed_opt, 3, start=3)
+    assert max_diff(model, resumed) == 0
 
 
 @pytest.mark.parametrize("cls, kw", [(SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
@@ -205,7 +277,8 @@ def roundtrip(state_dict):
 @pytest.mark.parametrize("dtype, memory_format", [(torch.float64, torch.contiguous_format), (torch.bfloat16, CL)],
                          ids=["float64", "bfloat16-channels_last"])
 @pytest.mark.parametrize("cls, kw", [(SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
-                                     (AdamP, dict(lr=1e-2, weight_decay=1e-2))], ids=["SGDP", "AdamP"])
+                                     (sgdp_alg1, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
+                                     (AdamP, dict(lr=1e-2, weight_decay=1e-2))], ids=["SGDP", "SGDP-alg1", "AdamP"])
 def test_state_dict_round_trip_resumes_exactly(cls, kw, dtype, memory_format):
     fmt = dict(dtype=dtype, memory_format=memory_format)
     model = make_net(**fmt)
@@ -464,8 +537,10 @@ def _forbid_h2d(*args, **kwargs):
 
 @pytest.mark.parametrize("cls, kw", [(SGDP, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)),
                                      (SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
+                                     (sgdp_alg1, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
                                      (AdamP, dict(lr=1e-2, nesterov=True, weight_decay=1e-2)),
-                                     (AdamP, dict(lr=1e-2))], ids=["SGDP-nesterov", "SGDP", "AdamP-nesterov", "AdamP"])
+                                     (AdamP, dict(lr=1e-2))],
+                         ids=["SGDP-nesterov", "SGDP", "SGDP-alg1", "AdamP-nesterov", "AdamP"])
 @COMPILED
 def test_step_never_reads_tensors_on_the_host(cls, kw, monkeypatch, compiled):
     """compiled: the fused path with its kernels run eagerly. Compiled kernels check their guards

@@ -58,10 +58,10 @@ def test_schedule_rows_follow_the_chosen_schedule():
 
 
 def test_multirun_cfg_job_prints_every_cell_resolved(tmp_path):
-    out = run_cli(["-m", "+experiment=toy", "seed=0,1", "--cfg", "job"], tmp_path)
+    out = run_cli(["-m", "+experiment=toy", "task=toy", "optim=sgd,sgdp", "seed=0,1", "--cfg", "job"], tmp_path)
     assert out.returncode == 0, out.stderr
     docs = out.stdout.split("# cell ")[1:]
-    assert len(docs) == 16 and docs[0].startswith("1/16: optim=sgd optim.momentum=0 seed=0")
+    assert len(docs) == 16 and docs[0].startswith("1/16: task=toy optim=sgd optim.momentum=0 seed=0")
     cells = [OmegaConf.create(doc.split("\n", 1)[1]) for doc in docs]
     assert {(c.optim.name, c.optim.momentum, c.seed) for c in cells} == {
         (o, m, s) for o in ("sgd", "sgdp") for m in (0, 0.9, 0.95, 0.99) for s in (0, 1)}
@@ -154,13 +154,15 @@ EXPECTED_DECAY = {   # experiment -> cell config -> (optimizer class or None, we
     "biased_mnist_table4b": lambda c: (None, 1e-4, None if c.optim.name == "adam" else 1e-7),
     "imagenet9_table4c": lambda c: (None, 1e-4, None if c.optim.name == "adam" else 1e-7),
     "wikitext_table7": lambda c: (None, 1e-2, 2.5e-6),
-    "toy": lambda c: (None, 0.0, 0.0),
+    "toy": lambda c: (None, *((79.0, 79.0 * c.optim.lr / (1 - c.optim.momentum)) if c.optim.decay.value else (0.0, 0.0))),
+    "resnet18_figure": lambda c: (None, 0.0, 0.0),
+    "resnet18_figure_digits": lambda c: (None, 0.0, 0.0),
     "digits": lambda c: (None, *{"sgd": (1e-4, 1e-4), "sgdp": (1e-4, 1e-4), "adam": (0.0, 0.0),
                                  "adamp": (0.0, 0.0)}[c.optim.name]),
     "beyond": lambda c: (_class(c.optim.name), 0.0, 0.0),
     "beyond_imagenet": lambda c: _beyond_imagenet(c),
 }
-PAPER_CLASS = {"sgd": SGD, "sgdp": SGDP, "adam": ADAM, "adamw": ADAMW, "adamp": ADAMP}
+PAPER_CLASS = {"sgd": SGD, "sgdp": SGDP, "sgdp_alg1": SGDP, "adam": ADAM, "adamw": ADAMW, "adamp": ADAMP}
 PROJECTED = "projbench.optim.Projected"
 
 

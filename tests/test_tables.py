@@ -133,6 +133,11 @@ def test_paper_values_are_the_papers():
         ("table6", "CUB", "ProxyAnchor Adam"): 69.28, ("table6", "InShop", "ProxyAnchor AdamP"): 87.4,
         ("table7", "Transformer-XL", "AdamW"): 23.38, ("table7", "Transformer-XL + WN", "AdamP"): 22.77,
     }
+    spot.update({  # the project page's toys and ResNet18 figure
+        ("toy2d", "SGD", "momentum 0.99"): 27.87, ("toy2d", "SGDP (Algorithm 1)", "momentum 0.9"): 1.12,
+        ("toy3d", "GD + momentum", "momentum 0.9"): 3.16, ("toy3d", "GD + projection (Algorithm 1)", "momentum 0.9"): 1.12,
+        ("resnet18_figure", "momentum SGD", "Top-1"): 66.6, ("resnet18_figure", "SGDP", "final weight norm"): 1.94,
+    })
     for (table, row, column), value in spot.items():
         assert specs[table].paper[row][column] == value, (table, row, column)
     for name in ("table1", "table2", "table3", "table4a", "table4b", "table4c", "table5", "table6", "table7"):
@@ -142,6 +147,7 @@ def test_paper_values_are_the_papers():
     assert all(v is None for row in specs["digits"].paper.values() for v in row.values())
     assert specs["table7"].direction == "min"
     assert tables.resolve_table_names(specs, ["retrieval"]) == ["table6"]
+    assert tables.resolve_table_names(specs, ["toy"]) == ["toy2d", "toy3d"]
     assert tables.resolve_table_names(specs, ["imagenet", "table1"]) == ["table1", "table2"]
 
 
@@ -269,10 +275,40 @@ def _tabulars(tex: str) -> list[tuple[int, list[str]]]:
     return out
 
 
+def test_a_table_draws_its_figure_from_its_runs_with_the_paper_values_marked(sweep, tmp_path):
+    """`figure: {kind: training_curves}` in a table: one curve per row, from the rows' runs."""
+    paper = tmp_path / "paper.yaml"
+    paper.write_text("""
+tables:
+  curves:
+    title: "SGD and SGDP"
+    metric: test/top1
+    direction: max
+    select: {task.name: digits}
+    rows:
+      SGD: {select: {optim.name: sgd}}
+      SGDP: {select: {optim.name: sgdp}}
+    columns:
+      norm: {metric: diag/weight_norm}
+    paper:
+      SGD: {norm: 1.5}
+      SGDP: {norm: null}
+    figure: {kind: training_curves, panels: [diag/weight_norm, diag/effective_step]}
+""")
+    out = run_cli(["--runs", str(sweep), "--paper", str(paper), "--out", str(tmp_path / "res")], tmp_path,
+                  runner=TABLES_CLI)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "res" / "figures" / "curves.png").stat().st_size > 20_000
+    assert "wrote " + str(tmp_path / "res" / "figures" / "curves.png") in out.stderr
+    paper.write_text(paper.read_text().replace("kind: training_curves", "kind: nonsense"))
+    out = run_cli(["--runs", str(sweep), "--paper", str(paper)], tmp_path, runner=TABLES_CLI)
+    assert out.returncode == 2 and "figure kind must be one of" in out.stderr
+
+
 def test_latex_and_csv_are_well_formed(sweep):
     runs = find_runs([sweep])
     specs = load_spec()
-    for name in ("digits", "table1", "table4b", "table6", "toy"):
+    for name in ("digits", "table1", "table4b", "table6", "toy2d"):
         spec = specs[name]
         result = build_table(spec, runs)
         tex = tables.render_latex(result)

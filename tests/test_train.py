@@ -114,36 +114,92 @@ def _bn_net():
                                torch.nn.Flatten(), torch.nn.Linear(16 * 6 * 6, 4))
 
 
-def _passes_paper_test(w, g, delta=0.1, eps=1e-8):
-    """The paper's scale-invariance test, written plainly: channel view, then layer view."""
+def _paper_view(w, g, delta=0.1, eps=1e-8):
+    """The paper's scale-invariance test, written plainly: the view that passes first (channel,
+    then layer), as the rows that view makes scale-invariant; None if neither passes."""
     for view in (w.reshape(w.size(0), -1), w.reshape(1, -1)):
         gv = g.reshape(view.shape)
         cos = torch.nn.functional.cosine_similarity(gv, view, dim=1, eps=eps).abs()
         if cos.max() < delta / view.size(1) ** 0.5:
-            return True
-    return False
+            return view.size(0)
+    return None
+
+
+def _gn_net():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, bias=False), torch.nn.GroupNorm(1, 16), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(16 * 6 * 6, 4))
 
 
 @pytest.mark.parametrize("optim", ["sgd", "sgdp"])
-def test_diagnostics_measure_the_scale_invariant_weights(optim):
+@pytest.mark.parametrize("make_net, conv_units", [(_bn_net, 16), (_gn_net, 1)], ids=["batchnorm", "groupnorm"])
+def test_diagnostics_measure_a_fixed_set_of_scale_invariant_weights(optim, make_net, conv_units):
+    """Weight norm, effective step and effective lr over the units that are scale-invariant (each
+    filter of a conv before BatchNorm, the whole conv before GroupNorm(1)) of the weights that
+    pass the test at the first step."""
+    torch.manual_seed(0)
+    net = make_net()
+    opt = build_optimizer(make_cfg([f"optim={optim}", "optim.weight_decay=0.01"]).optim, net)
+    monitor = diagnostics.ScaleInvariance(every=2)
+    weights = [net[0].weight, net[4].weight]
+    for step in range(1, 5):
+        x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        rows = [_paper_view(w.detach(), w.grad) for w in weights]
+        if step == 1:
+            assert rows[0] == conv_units, "a conv before BatchNorm: each filter; before GroupNorm(1): the whole"
+            first = rows
+        before = [w.detach().clone() for w in weights]
+        pending = monitor.before_step(opt, step)
+        opt.step()
+        values = monitor.after_step(opt, pending)
+        assert [any(w is v for v in monitor.weights) for w in weights] == [r is not None for r in first]  # fixed
+        if step % 2:
+            assert values == {}
+            continue
+        numel = torch.tensor([w.numel() for w in weights], dtype=torch.float64)
+        mask = torch.tensor([r is not None for r in rows], dtype=torch.float64)
+        assert values["projected_fraction"] == pytest.approx(float((numel * mask).sum() / numel.sum()))
+        units = [(w.detach().double().reshape(r, -1), b.double().reshape(r, -1))
+                 for w, b, r in zip(weights, before, first) if r is not None]
+        norms = torch.cat([u.norm(dim=1) for u, _ in units])
+        steps = torch.cat([(u / u.norm(dim=1, keepdim=True) - b / b.norm(dim=1, keepdim=True)).norm(dim=1)
+                           for u, b in units])
+        assert norms.numel() >= conv_units and steps.min() > 0
+        assert values["weight_norm"] == pytest.approx(float(norms.mean()), rel=1e-5)
+        assert values["effective_step"] == pytest.approx(float(steps.mean()), rel=1e-4)
+        assert values["effective_lr"] == pytest.approx(float((0.1 / norms**2).mean()), rel=1e-5)
+    params = list(net.parameters())
+    n_si = sum(w.numel() for w, r in zip(weights, first) if r is not None)
+    n_tensors = sum(r is not None for r in first)
+    assert monitor.summary() == {"tensors": n_tensors, "tensors_share": n_tensors / len(params),
+                                 "params": n_si, "params_share": n_si / sum(p.numel() for p in params),
+                                 "detected_at_step": 1}
+
+
+def test_all_zero_weights_and_gradients_wait_to_be_classified():
+    """cos(g, w) is 0 for an all-zero weight (a zero-initialised offset conv) or an all-zero
+    gradient (an unused head), so the test would pass trivially: such weights are classified
+    only at a diagnostics step where both are non-zero."""
     torch.manual_seed(0)
     net = _bn_net()
-    opt = build_optimizer(make_cfg([f"optim={optim}", "optim.weight_decay=0.01"]).optim, net)
-    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
-    torch.nn.functional.cross_entropy(net(x), y).backward()
-    weights = [net[0].weight, net[4].weight]
-    expected = [_passes_paper_test(w.detach(), w.grad) for w in weights]
-    assert expected[0], "a conv followed by BatchNorm is scale-invariant"
-    detected = diagnostics.detect(opt)
-    assert (detected is None) == (optim == "sgdp")
-    opt.step()
-    values = diagnostics.scale_invariance(opt, detected)
-    numel = torch.tensor([w.numel() for w in weights], dtype=torch.float64)
-    mask = torch.tensor(expected, dtype=torch.float64)
-    norms = torch.stack([w.detach().norm() for w in weights]).double()
-    assert values["projected_fraction"] == pytest.approx(float((numel * mask).sum() / numel.sum()))
-    assert values["weight_norm"] == pytest.approx(float((norms * mask).sum() / mask.sum()), rel=1e-5)
-    assert values["effective_step"] == pytest.approx(float((0.1 / norms**2 * mask).sum() / mask.sum()), rel=1e-5)
+    residual = torch.nn.Linear(4, 4, bias=False)   # zero-initialised, on a residual branch: it gets a gradient
+    unused = torch.nn.Linear(4, 4, bias=False)     # never used: its gradient stays zero
+    torch.nn.init.zeros_(residual.weight)
+    opt = build_optimizer(make_cfg(["optim=sgd"]).optim, torch.nn.ModuleList([net, residual, unused]))
+    monitor = diagnostics.ScaleInvariance(every=2)
+    for step in (1, 2):
+        opt.zero_grad()
+        logits = net(torch.randn(8, 3, 8, 8))
+        torch.nn.functional.cross_entropy(logits + residual(logits), torch.randint(0, 4, (8,))).backward()
+        unused.weight.grad = torch.zeros_like(unused.weight)
+        pending = monitor.before_step(opt, step)
+        opt.step()
+        monitor.after_step(opt, pending)
+        assert [w is net[0].weight for w in monitor.weights] == [True]
+        waiting = {id(w) for w in monitor._undecided.values()}
+        # step 1: the zero weight waits; step 2: it has moved and is classified (not invariant)
+        assert waiting == ({id(residual.weight), id(unused.weight)} if step == 1 else {id(unused.weight)})
 
 
 def test_no_decay_bias_norm_groups():

@@ -97,19 +97,21 @@ def algorithm1_sgdp(params: list[torch.Tensor], lr: float, momentum: float, wd: 
 
 def test_wrapped_sgd_is_sgdp_algorithm1_not_the_official_form():
     """Without Nesterov the wrapper projects the step `lr * buf` and keeps the buffer: the paper's
-    Algorithm 1 (and timm's SGDP, which clones the buffer first). The official SGDP projects its
+    Algorithm 1 (our SGDP with project_buffer=False, optim=sgdp_alg1, and timm's SGDP, which clones
+    the buffer first). The official SGDP projects its
     buffer in place; the two agree at the first step and part wherever a weight was projected."""
     m = 0.9
     model = make_net()
-    reference, timm_model, official = (copy.deepcopy(model) for _ in range(3))
+    reference, timm_model, ours, official = (copy.deepcopy(model) for _ in range(4))
     opt = Projected(model.parameters(), inner=torch.optim.SGD, lr=0.1, momentum=m, weight_decay=WD / (1 - m))
     with torch.no_grad():
         reference_step = algorithm1_sgdp(list(reference.parameters()), 0.1, m, WD)
     timm_opt = timm.optim.SGDP(timm_model.parameters(), lr=0.1, momentum=m, weight_decay=WD)
+    ours_opt = SGDP(ours.parameters(), lr=0.1, momentum=m, weight_decay=WD, project_buffer=False)  # sgdp_alg1
     official_opt = adamp.SGDP(official.parameters(), lr=0.1, momentum=m, weight_decay=WD)
     for step in range(25):
         for mod, step_fn in ((model, opt.step), (reference, reference_step), (timm_model, timm_opt.step),
-                             (official, official_opt.step)):
+                             (ours, ours_opt.step), (official, official_opt.step)):
             mod.zero_grad()
             backward(mod, step)
             with torch.no_grad():
@@ -118,6 +120,7 @@ def test_wrapped_sgd_is_sgdp_algorithm1_not_the_official_form():
             assert max_diff(model, official) < 1e-14
     close(model, reference)
     close(model, timm_model)
+    close(model, ours)
     assert (model.conv1.weight - official.conv1.weight).abs().max() > 1e-3
 
 

@@ -153,9 +153,9 @@ class ProjectedOptimizer(Optimizer):
         """Project `updates` of the multi-dimensional weights, decay, and step (eager).
 
         `w <- w * (1 - lr * wd * ratio / decay_divisor) - step_size * (u - c * w)`, with
-        `c` and `ratio` from the projector. When `project_updates_in_place` is set (SGDP without
-        Nesterov, where the update is the momentum buffer itself, as in the official code), the
-        projection is written into `updates` too.
+        `c` and `ratio` from the projector. When `project_updates_in_place` is set (the official
+        SGDP without Nesterov, where the update is the momentum buffer itself), the projection is
+        written into `updates` too.
         """
         lr, wd = group["lr"], group["weight_decay"]
         multi = [i for i, p in enumerate(params) if p.dim() > 1]

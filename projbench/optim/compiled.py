@@ -7,8 +7,9 @@ Here torch.compile (Inductor: C++ on CPU, Triton on CUDA) fuses them into two ke
 
 * `*_rows`: update the moment buffers and return the row statistics g.w, ||g||^2, ||w||^2 and
   w.u of the update u they give, reading the gradient, the weight and the buffers once;
-* `*_step`: the projected, decayed step `w <- w * a + u * b` with per-row `a` and `b` (SGDP
-  without Nesterov first projects its momentum buffer in place, as the official code does).
+* `*_step`: the projected, decayed step `w <- w * a + u * b` with per-row `a` and `b` (SGDP in
+  its official form without Nesterov first projects its momentum buffer in place, as the official
+  code does; with `project_buffer=False` the buffer is kept, as in the paper's Algorithm 1).
 
 The decision (channel view, layer view or none) stays in projection.py, on the row vectors of the
 whole group at once. Shapes are dynamic, and everything that changes from step to step (learning
@@ -47,14 +48,14 @@ def _sgd_rows(g: Tensor, w: Tensor, buf: Tensor, momentum: float, dampening: flo
 
 
 def _sgd_step(p: Tensor, g: Tensor, buf: Tensor, c: Tensor, a: Tensor, b: Tensor, momentum: float,
-              nesterov: bool) -> None:
+              nesterov: bool, project_buffer: bool) -> None:
     w = _f(p, buf)
-    if nesterov:  # a = decay + lr * c: the projection is folded into a
-        p.copy_(w * a + (_f(g, buf) + buf * momentum) * b)
-    else:  # the official code projects the momentum buffer itself
+    if project_buffer:  # the official code without Nesterov projects the momentum buffer itself
         projected = buf - c * w
         buf.copy_(projected)
         p.copy_(w * a + projected * b)
+    else:  # a = decay + lr * c: the projection is folded into a, the buffer is kept
+        p.copy_(w * a + ((_f(g, buf) + buf * momentum) if nesterov else buf) * b)
 
 
 def _adam_update(g: Tensor, m: Tensor, v: Tensor, k: Tensor, beta1: float, eps: float, nesterov: bool) -> Tensor:

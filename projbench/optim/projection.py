@@ -130,6 +130,24 @@ class Projector:
     def decide(self, gw: Tensor, g_norm: Tensor, w_norm: Tensor, wu: Tensor) -> tuple[Tensor, Tensor]:
         """The coefficients and projected mask from the per-row g.w, ||g||, ||w|| and w.u."""
         lay, eps = self.layout, self.eps
+        idx = lay.row_param
+        use_channel, use_layer, (_, _, ww_l, wu_l) = self._views(gw, g_norm, w_norm, wu)
+        coef_channel = wu / (w_norm + eps).square()
+        coef_layer = (wu_l / (ww_l.sqrt() + eps).square())[idx]
+        coef = torch.where(
+            use_channel[idx], coef_channel, torch.where(use_layer[idx], coef_layer, 0.0)
+        )
+        return coef, use_channel | use_layer
+
+    def views(self, weights: list[Tensor], grads: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Per weight, whether it passes the test in the channel view, and whether it passes in
+        the layer view only (a weight passes in at most one: the channel view is tried first)."""
+        return self._views(*self._row_stats(weights, grads, grads))[:2]
+
+    def _views(self, gw: Tensor, g_norm: Tensor, w_norm: Tensor, wu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Channel-view and layer-view-only masks per weight, and the per-weight sums of g.w,
+        ||g||^2, ||w||^2 and w.u (the layer view's statistics)."""
+        lay, eps = self.layout, self.eps
         n_params = lay.thr_layer.numel()
         idx = lay.row_param
         # Channel view: cosine per row, then its maximum over each parameter's rows.
@@ -140,18 +158,11 @@ class Projector:
         squares = torch.stack([gw, g_norm.square(), w_norm.square(), wu])
         sums = torch.zeros(4, n_params, dtype=gw.dtype, device=gw.device)
         sums.index_add_(1, idx, squares)
-        gw_l, gg_l, ww_l, wu_l = sums
-        w_norm_l = ww_l.sqrt()
-        cos_layer = gw_l.abs() / (gg_l.sqrt().clamp_min(eps) * w_norm_l.clamp_min(eps))
-
+        gw_l, gg_l, ww_l, _ = sums
+        cos_layer = gw_l.abs() / (gg_l.sqrt().clamp_min(eps) * ww_l.sqrt().clamp_min(eps))
         use_channel = cos_channel < lay.thr_channel
         use_layer = ~use_channel & (cos_layer < lay.thr_layer)
-        coef_channel = wu / (w_norm + eps).square()
-        coef_layer = (wu_l / (w_norm_l + eps).square())[idx]
-        coef = torch.where(
-            use_channel[idx], coef_channel, torch.where(use_layer[idx], coef_layer, 0.0)
-        )
-        return coef, use_channel | use_layer
+        return use_channel, use_layer, sums
 
     def broadcast(self, coef: Tensor, index: int, like: Tensor) -> Tensor:
         """Parameter `index`'s slice of a per-row vector, shaped to broadcast over `like`."""

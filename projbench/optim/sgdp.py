@@ -12,6 +12,14 @@ from projbench.optim._base import ProjectedOptimizer, per_tensor
 class SGDP(ProjectedOptimizer):
     """Drop-in for `adamp.SGDP` 0.3.0: same arguments, same defaults, same numbers.
 
+    `project_buffer` (keyword-only, not in the official code) chooses between the two forms of
+    SGDP that exist. True (the default): the official code, where without Nesterov the update is
+    the momentum buffer itself and the projection is written into it, so the buffer loses its
+    radial part every step; the paper's numbers come from that code. False: the paper's
+    Algorithm 1 (and timm's `SGDP`), which projects only the update and keeps the buffer. With
+    `nesterov=True` the update is a new tensor and both forms are the same. On the project page's
+    2-D toy the two end at different norms (README, "The toy").
+
     Differences from the official code are only in how it runs: channels_last and other
     non-contiguous weights work, float16/bfloat16 weights are projected in float32 with float32
     state, the projection decision stays on the device (no host sync), and the per-element work
@@ -24,7 +32,7 @@ class SGDP(ProjectedOptimizer):
     """
 
     def __init__(self, params, lr=required, momentum=0, dampening=0, weight_decay=0,
-                 nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1, *, compiled=False):
+                 nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1, *, project_buffer=True, compiled=False):
         if lr is not required and lr <= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if momentum < 0.0 or momentum >= 1.0:
@@ -33,8 +41,13 @@ class SGDP(ProjectedOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
-                        compiled=compiled)
+                        project_buffer=project_buffer, compiled=compiled)
         super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # state dicts saved before the option existed: the official form
+            group.setdefault("project_buffer", True)
 
     def _update(self, group, params, grads, index):
         momentum, nesterov = group["momentum"], group["nesterov"]
@@ -43,7 +56,7 @@ class SGDP(ProjectedOptimizer):
         updates = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
         lr = group["lr"]
         self._apply(group, index, params, grads, updates, [lr] * len(params),
-                    decay_divisor=1 - momentum, project_updates_in_place=not nesterov)
+                    decay_divisor=1 - momentum, project_updates_in_place=_projects_buffer(group))
 
     def _fused_update(self, group, weights, grads, index):
         momentum, dampening, nesterov, lr = group["momentum"], group["dampening"], group["nesterov"], group["lr"]
@@ -55,10 +68,17 @@ class SGDP(ProjectedOptimizer):
         projector, coef, decay = self._decide(group, index, weights, row_stats=stats, decay_divisor=1 - momentum)
         rows = projector.layout.row_slices
         neg_lr = coef.new_full(coef.shape, -lr)  # a device fill: lr never becomes a compile-time constant
-        a = decay + lr * coef if nesterov else decay
+        in_place = _projects_buffer(group)
+        a = decay if in_place else decay + lr * coef  # otherwise the projection is folded into a
         step = K.kernel("sgd_step")
         for w, g, b, sl in zip(ws, gs, bufs, rows):
-            step(w, g, b, K.column(coef, sl), K.column(a, sl), K.column(neg_lr, sl), momentum, nesterov)
+            step(w, g, b, K.column(coef, sl), K.column(a, sl), K.column(neg_lr, sl), momentum, nesterov, in_place)
+
+
+def _projects_buffer(group: dict) -> bool:
+    """Whether this step writes the projection into the momentum buffer: the official form
+    without Nesterov, where the update is the buffer itself."""
+    return group["project_buffer"] and not group["nesterov"]
 
 
 def _momentum_(bufs, grads, momentum: float, dampening: float) -> None:
