@@ -1,6 +1,9 @@
 """OmegaConf resolvers that the config files use; registered when projbench is imported, so the
 CLI, Hydra's compose API in tests and projbench.tables (reading saved runs) all resolve them.
 
+`${run_dir:PREFIX}` (conf/config.yaml's hydra.run.dir) is PREFIX-<hash of the config's training
+keys>, absolute: one directory per config (projbench/runconfig.py).
+
 `${fixture:A,B}` is A when the run trains on its task's fixture (`task.data.fixture=true`) and B
 otherwise. A task file uses it for the settings a tiny fixture needs (batch size, image size,
 worker count), so `task.data.fixture=true` alone gives a quick run while the real-data values
@@ -26,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from projbench.decay import register_resolvers as register_decay_resolvers
 from projbench.errors import ConfigError
-
+from projbench.runconfig import run_dir_resolver
 
 # Decay conventions (projbench/decay.py) whose per-step decay is proportional to the lr.
 LR_PROPORTIONAL = ("coupled", "decoupled_lr", "decoupled_lr_momentum")
@@ -72,5 +75,6 @@ def _optim_entry(row_path: str, key: str, *, _root_) -> Any:
 
 OmegaConf.register_new_resolver("fixture", _fixture, replace=True)
 OmegaConf.register_new_resolver("projbench.optim_entry", _optim_entry, replace=True)
+OmegaConf.register_new_resolver("run_dir", run_dir_resolver, replace=True)
 # `${projbench.weight_decay:}` and `${projbench.decay_per_step:}` of conf/optim/*.yaml
 register_decay_resolvers()

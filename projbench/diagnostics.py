@@ -189,6 +189,23 @@ class ScaleInvariance:
         """The scale-invariant units of `w` as rows: its filters, or the whole weight as one."""
         return row_view(w) if by_filter else w.reshape(1, -1)
 
+    def state_dict(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The classification so far, by each weight's position among the optimizer's parameters:
+        checkpointed, so that a resumed run measures the same fixed set as an uninterrupted one."""
+        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        undecided = None if self._undecided is None else [index[k] for k in self._undecided]
+        return {"weights": [index[id(w)] for w in self.weights], "by_filter": list(self.by_filter),
+                "detected_at": self.detected_at, "undecided": undecided, "counts": list(self._counts)}
+
+    def load_state_dict(self, state: dict, optimizer: torch.optim.Optimizer) -> None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.weights = [params[i] for i in state["weights"]]
+        self.by_filter = list(state["by_filter"])
+        self.detected_at = state["detected_at"]
+        undecided = state["undecided"]
+        self._undecided = None if undecided is None else {id(params[i]): params[i] for i in undecided}
+        self._counts = tuple(state["counts"])
+
     def summary(self) -> dict | None:
         """The scale-invariant weights' share of the trainable parameters, by parameter count and
         by tensor count (None before any weight was classified)."""

@@ -1,5 +1,8 @@
-"""Errors a user can fix. `__main__` prints them as one line and exits with code 2 (no
-traceback unless HYDRA_FULL_ERROR=1); they are raised before training starts."""
+"""The errors a run ends with on purpose. UserErrors (bad input) are printed by projbench/cli.py as
+one line with exit code 2 (no traceback unless HYDRA_FULL_ERROR=1) and are raised before training
+starts; the others stop a run that did start, with one line and its status in summary.json."""
+
+import signal
 
 
 class UserError(Exception):
@@ -48,3 +51,25 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, step: int, value: float):
         super().__init__(f"loss became {value} at step {step}; the run is stopped (summary.json: status failed)")
         self.step = step
+
+
+class StorageError(RuntimeError):
+    """A run's records could not be written (a full disk, a vanished mount): the run stops with
+    one line and `status: failed`; what was written before is kept."""
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class Interrupted(RuntimeError):
+    """A stop signal ended the run after a finished step and its checkpoint (projbench/signals.py):
+    `status: interrupted`, exit code 128 + the signal's number; the same command continues it."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"{signal_name(signum)} at step {step}: stopped after that step with a checkpoint; "
+                         "the same command continues the run")
+        self.signum, self.step = signum, step

@@ -35,7 +35,7 @@ TaskFigure = Callable[[dict[str, list[History]], Path, str], list[Path]]
 TASK_FIGURES: dict[str, TaskFigure] = {}
 OPTIM_ORDER = ["sgd", "sgdp", "sgdp_alg1", "adam", "adamw", "adamp"]
 # Overrides that never tell settings apart in a legend (the optimizer's name leads every label).
-IGNORED_OVERRIDES = {"seed", "optim", "experiment", "trainer.progress"}
+IGNORED_OVERRIDES = {"seed", "optim", "experiment", "trainer.progress", "resume", "overwrite"}
 IGNORED_PREFIXES = ("hydra", "logger", "paths")
 
 
@@ -54,11 +54,16 @@ def _toy_trajectories(curves: dict[str, list[History]], out_dir: Path, stem: str
     return [plot_toy_runs({label: runs[0] for label, runs in curves.items()}, out_dir / f"{stem}_trajectories.png")]
 
 
-def read_history(run_dir: Path) -> History:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+def read_history(run_dir: Path, log: Callable[[str], None] = print) -> History:
+    """The run's metrics.jsonl (a torn last line, from a kill mid-write, is left out); a damaged
+    file is skipped with one line naming it."""
+    from projbench.records import DamagedRecord, read_metrics
+
+    try:
+        return read_metrics(run_dir / "metrics.jsonl")[0]
+    except DamagedRecord as exc:
+        log(f"skipped {exc} (damaged metrics; the run is left out of the figures)")
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _overrides(run: Run) -> dict[str, str]:
@@ -168,7 +173,7 @@ def _sort_key(label: str) -> tuple[int, str]:
     return (OPTIM_ORDER.index(name) if name in OPTIM_ORDER else len(OPTIM_ORDER), label)
 
 
-def write_figures(runs: list[Run], out_dir: Path) -> list[Path]:
+def write_figures(runs: list[Run], out_dir: Path, log: Callable[[str], None] = print) -> list[Path]:
     """One training-curve figure per (task, model) over the completed local runs (plus the task's
     registered figures); returns the files written."""
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
@@ -177,7 +182,7 @@ def write_figures(runs: list[Run], out_dir: Path) -> list[Path]:
             groups[(str(run.get("task.name")), str(run.summary.get("model") or run.get("task.model.arch")))].append(run)
     written = []
     for (task, model), group in sorted(groups.items()):
-        histories = {run.id: read_history(run.run_dir) for run in group}
+        histories = {run.id: read_history(run.run_dir, log) for run in group}
         labels = curve_labels(group)
         curves: dict[str, list[History]] = defaultdict(list)
         for run in group:

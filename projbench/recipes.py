@@ -92,19 +92,28 @@ def get_path(tree: Any, path: str, default: Any = None) -> Any:
     return node
 
 
+def _split_first_argument(inner: str) -> tuple[str, str | None]:
+    """A resolver's arguments `A,B...` -> (A, the rest), commas inside `${...}` left alone."""
+    depth = 0
+    for i, ch in enumerate(inner):
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth == 0:
+            return inner[:i], inner[i + 1:]
+    return inner, None
+
+
 def _pure_interpolation(value: Any) -> str | None:
     """The key X of a value that is exactly `${X}` or `${oc.select:X,default}` (no other resolver,
-    no surrounding text)."""
+    no surrounding text); for `${fixture:A,B}`, the key of B (the recipe's value: the card is
+    about the real data)."""
     if not (isinstance(value, str) and value.startswith("${") and value.endswith("}")):
         return None
     if value.startswith("${oc.select:"):
-        inner, depth = value[len("${oc.select:"):-1], 0
-        for i, ch in enumerate(inner):
-            depth += ch == "{"
-            depth -= ch == "}"
-            if ch == "," and depth == 0:
-                return inner[:i]
-        return inner
+        return _split_first_argument(value[len("${oc.select:"):-1])[0]
+    if value.startswith("${fixture:"):
+        otherwise = _split_first_argument(value[len("${fixture:"):-1])[1]
+        return _pure_interpolation(otherwise.strip()) if otherwise else None
     depth = 0
     for i, ch in enumerate(value):
         if ch == "{" and i and value[i - 1] == "$":

@@ -274,7 +274,10 @@ def find_runs(dirs: Iterable[Path | str], log=print) -> list[Run]:
                 summary = json.loads(summary_path.read_text())
                 config = OmegaConf.load(config_path) if config_path.is_file() else None
             except (OSError, ValueError, yaml.YAMLError) as exc:
-                skipped.append(f"{run_dir} (unreadable: {exc})")
+                skipped.append(f"{run_dir} (unreadable: {str(exc).splitlines()[0] if str(exc) else exc!r})")
+                continue
+            if not isinstance(summary, dict) or not isinstance(summary.get("metrics", {}), dict):
+                skipped.append(f"{summary_path} (not a run summary: a JSON object with a metrics object)")
                 continue
             if config is None:
                 skipped.append(f"{run_dir} (no .hydra/config.yaml)")
@@ -920,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
         # with --table, the tables' runs; a table that names its own figure gets that one instead
         plotted = {run.id: run for result in results if not result.spec.figure for run in result.runs} \
             if args.table else {run.id: run for run in runs}
-        paths = write_figures([r for r in plotted.values() if r.run_dir is not None], out / "figures")
+        paths = write_figures([r for r in plotted.values() if r.run_dir is not None], out / "figures", log=info)
         for path in paths + write_table_figures(results, out / "figures"):
             info(f"wrote {path}")
     return 0

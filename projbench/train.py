@@ -14,9 +14,7 @@ after each evaluation and at the end) and optimizer phases (phases.py, before a 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,24 +31,27 @@ from tqdm import tqdm
 
 from projbench import diagnostics
 from projbench.distributed import DistInfo, barrier, broadcast_object, init_distributed
-from projbench.errors import ConfigError, NonFiniteLossError
+from projbench.errors import ConfigError, Interrupted, NonFiniteLossError
 from projbench.freezing import ParameterFreezer
 from projbench.optim import build_optimizer
 from projbench.optim.factory import check_optim_config
 from projbench.phases import PhasePlan, new_optimizer_schedule, set_base_lr
-from projbench.records import RunRecorder
+from projbench.records import LossWindow, RunRecorder, read_summary
+from projbench.rundir import SUMMARY, Plan, RunCompleted, RunDirectory, open_run, write_checkpoint
 from projbench.schedules import build_scheduler, validate_schedule
 from projbench.selection import BestCheckpoint
+from projbench.signals import StopPoll, handling_stop_signals
 from projbench.tasks.base import Task
+from projbench.validation import check_loop_config
 
 log = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-CHECKPOINT = "checkpoint.pt"
 
 
 def validate_config(cfg: DictConfig) -> None:
     """Fail before anything is built, naming the key at fault."""
+    check_loop_config(cfg)  # types, nulls and finite numbers of the keys the loop reads
     tr = cfg.trainer
     if str(tr.precision) not in AUTOCAST_DTYPES:
         raise ConfigError("trainer.precision", f"got {tr.precision!r}; choose one of {sorted(AUTOCAST_DTYPES)}")
@@ -144,9 +145,16 @@ class Trainer:
     step: int = 0
     phase: int = 0  # the index in `plan` of the phase in force
     monitor: diagnostics.ScaleInvariance = field(init=False)  # weight norms, effective steps
+    rundir: RunDirectory | None = None  # holds the directory's lock while the run lives
+    loss_window: LossWindow | None = None
+    stop: StopPoll | None = None  # asked after every step whether a stop signal arrived
 
     def __post_init__(self):
         self.monitor = diagnostics.ScaleInvariance(self.cfg.trainer.diagnostics_every)
+        # Defaults for a Trainer built by hand (scripts/bench_train.py): no lock, one process.
+        self.rundir = self.rundir or RunDirectory(self.run_dir)
+        self.loss_window = self.loss_window or LossWindow(self.device)
+        self.stop = self.stop or StopPoll(distributed=False)
 
     @property
     def epoch(self) -> float:
@@ -165,14 +173,13 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": _rng_state(),
             "wall_seconds": self.recorder.wall_seconds(),
+            "loss_window": self.loss_window.state_dict(),
+            "monitor": self.monitor.state_dict(self.optimizer),
             "task": task_state,
             "phase": self.phase,
             "select_best": self.selector.state_dict(),
         }
-        path = self.run_dir / CHECKPOINT
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+        write_checkpoint(state, self.rundir.checkpoint)  # atomic; a full disk keeps the previous one
 
     def load_checkpoint(self, state: dict) -> int:
         """Restore everything `save_checkpoint` wrote (`state`: the loaded checkpoint)."""
@@ -188,6 +195,10 @@ class Trainer:
         self.task.load_state_dict(state.get("task", {}))
         _set_rng_state(state["rng"])
         self.recorder.wall_offset = float(state["wall_seconds"])
+        if "loss_window" in state:
+            self.loss_window.load_state_dict(state["loss_window"])
+        if "monitor" in state:  # the fixed set of scale-invariant weights, as classified before
+            self.monitor.load_state_dict(state["monitor"], self.optimizer)
         self.selector.load_state_dict(state.get("select_best"))
         self.step = int(state["step"])
         return self.step
@@ -277,12 +288,14 @@ class Trainer:
         eval_every = tr.eval_every or self.steps_per_epoch
         batch_size = int(self.cfg.task.data.batch_size)
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        losses_in_window, window_start = 0, time.perf_counter()
+        window = self.loss_window
         bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True, desc=self.task.name,
                    disable=not (self.dist.is_main and tr.progress))
         self.train_model.train()
         batches = self._batches()
+        signum = self.stop.now()  # a signal during set-up: stop before training
+        if signum:
+            raise Interrupted(signum, self.step)
         while self.step < self.total_steps:
             self._enter_phases()
             batch = to_device(next(batches), self.device, tr.channels_last)
@@ -299,8 +312,7 @@ class Trainer:
             self.step += 1
             loss = loss.detach().float()
             bad_step = torch.where(torch.isfinite(loss) | (bad_step >= 0), bad_step, self.step)
-            loss_sum += loss
-            losses_in_window += 1
+            window.add(loss)
 
             if values := self.monitor.after_step(self.optimizer, pending):
                 self.recorder.log("diag", values, self.step, self.epoch)
@@ -312,23 +324,28 @@ class Trainer:
                 self.scheduler.step()
 
             last = self.step == self.total_steps
-            if self.step % tr.log_every == 0 or last:
-                self._check_finite(bad_step, loss_sum)
-                elapsed = time.perf_counter() - window_start
-                values = {"loss": loss_sum.item() / losses_in_window,
-                          "lr": self.optimizer.param_groups[0]["lr"],
-                          "samples_per_s": losses_in_window * batch_size / max(elapsed, 1e-9)}
+            if _due(self.step, tr.log_every) or last:
+                self._check_finite(bad_step, window.total)
+                mean_loss, samples_per_s = window.take(batch_size)
+                values = {"loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
+                          "samples_per_s": samples_per_s}
                 self.recorder.log("train", values, self.step, self.epoch)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}",
                                 sps=f"{values['samples_per_s']:.0f}")
-                loss_sum.zero_()
-                losses_in_window, window_start = 0, time.perf_counter()
             bar.update(1)
             if self.step % eval_every == 0 or last:
                 self.selector.observe(self.evaluate(), self.step, self.epoch, self.model)
-            if self.step % tr.ckpt_every == 0 or last:
-                self._check_finite(bad_step, loss_sum)
+            checkpoint_due = _due(self.step, tr.ckpt_every) or last
+            if checkpoint_due:
+                self._check_finite(bad_step, window.total)
                 self.save_checkpoint()
+            signum = self.stop.poll()  # every rank gets the same answer at the same step
+            if signum and not last:
+                if not checkpoint_due:  # finish this step, checkpoint it, stop
+                    self._check_finite(bad_step, window.total)
+                    self.save_checkpoint()
+                raise Interrupted(signum, self.step)
+        self.stop.close()
         bar.close()
         # the task's final evaluation protocol, if it has one: once, also when a resumed run had done its steps
         final_loaders = self._final_eval_loaders()
@@ -345,6 +362,11 @@ class Trainer:
             raise NonFiniteLossError(step, float(loss_sum.item()))
 
 
+def _due(step: int, every: int | None) -> bool:
+    """Whether a periodic action (`every` steps; null: never) falls on `step`."""
+    return bool(every) and step % every == 0
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     validate_config(cfg)
     tr = cfg.trainer
@@ -357,6 +379,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     # Every torchrun rank resolves ${now:...} itself; all ranks use rank 0's run directory so that
     # checkpoints (resume=true) and fixtures are found in one place.
     run_dir = Path(broadcast_object(str(run_dir)))
+    # The directory is locked and checked (fresh run, resume, or a refusal) before anything is
+    # built or written; it is released when the run ends, or here if building fails.
+    rundir, start = open_run(run_dir, cfg, dist, device)
+    try:
+        return _build(cfg, run_dir, dist, device, rundir, start)
+    except BaseException:
+        rundir.release()
+        raise
+
+
+def _build(cfg: DictConfig, run_dir: Path, dist: DistInfo, device: torch.device, rundir: RunDirectory,
+           start: Plan) -> Trainer:
+    tr = cfg.trainer
     global_batch = int(cfg.task.data.batch_size)
     if global_batch % dist.world_size:
         raise ConfigError("task.data.batch_size",
@@ -393,36 +428,60 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     if tr.compile:
         train_model = torch.compile(train_model)
 
-    ckpt = run_dir / CHECKPOINT
-    if cfg.resume and not ckpt.exists():
-        raise ConfigError("resume", f"no checkpoint at {ckpt}; pass hydra.run.dir=<the run's directory>")
-    state = torch.load(ckpt, map_location=device, weights_only=True) if cfg.resume else None
-    resume_step = int(state["step"]) if state is not None else None
+    if start.kind == "resume" and total <= start.step:
+        key = "trainer.max_steps" if tr.max_steps is not None else "trainer.max_epochs"
+        raise ConfigError(key, f"the run to resume is at step {start.step} of {total}: nothing is left to train "
+                               f"(raise {key} to train it further)")
+    if dist.is_main:
+        rundir.start(cfg, start)  # the checks passed: only now is anything written
+    resume_step = start.step if start.kind == "resume" else None
     recorder = RunRecorder(run_dir, cfg, task.metrics, enabled=dist.is_main, resume_step=resume_step)
     trainer = Trainer(cfg, run_dir, dist, device, task, model, train_model, optimizer, scheduler, scaler,
                       train_loader, eval_loaders, steps_per_epoch, total, recorder,
-                      ParameterFreezer(task, model, steps_per_epoch), selector, plan)
-    if state is not None:
-        trainer.load_checkpoint(state)
-        log.info("resumed from %s at step %d", ckpt, trainer.step)
+                      ParameterFreezer(task, model, steps_per_epoch), selector, plan, rundir=rundir,
+                      loss_window=LossWindow(device), stop=StopPoll(dist.enabled))
+    if start.state is not None:
+        trainer.load_checkpoint(start.state)
+        log.info("resumed from %s at step %d", rundir.checkpoint, trainer.step)
     barrier()
     return trainer
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run one (task, optim, seed) cell; returns (and writes) its summary."""
-    trainer = build_trainer(cfg, run_dir)
+    """Run one (task, optim, seed) cell; returns (and writes) its summary. A stop signal ends it
+    after the current step with a checkpoint (Interrupted); this config's completed run in
+    `run_dir` (resume=auto) is returned as it is, with `"skipped": True`."""
+    with handling_stop_signals():
+        try:
+            trainer = build_trainer(cfg, run_dir)
+        except RunCompleted as done:
+            return {**done.summary, "skipped": True}
+        try:
+            return _run(trainer)
+        finally:
+            trainer.rundir.release()
+
+
+def _run(trainer: Trainer) -> dict:
     n_params = sum(p.numel() for p in trainer.model.parameters())
     common = dict(device=str(trainer.device), world_size=trainer.dist.world_size, model=trainer.task.model_name())
     extra = {"params": n_params, "primary_metric": next(iter(trainer.task.metrics), None)}
+    extra["resumes"] = _resume_history(trainer)
     trainer.recorder.write_summary(status="running", steps=trainer.step, epoch=trainer.epoch, extra=extra, **common)
     try:
         trainer.fit()
         selection = trainer.evaluate_selected()
     except BaseException as exc:
         extra["scale_invariant"] = trainer.monitor.summary()
-        trainer.recorder.write_summary(status="failed", steps=trainer.step, epoch=trainer.epoch,
-                                       extra=extra, error=str(exc) or type(exc).__name__, **common)
+        status = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
+        error = str(exc) or type(exc).__name__
+        if isinstance(exc, KeyboardInterrupt):
+            error = "SIGINT twice: stopped at once; the same command continues from the last checkpoint"
+        try:
+            trainer.recorder.write_summary(status=status, steps=trainer.step, epoch=trainer.epoch,
+                                           extra=extra, error=error, **common)
+        except Exception as record_exc:  # noqa: BLE001 - e.g. a full disk: the original error matters more
+            log.error("could not record the failure in summary.json: %s", record_exc)
         raise
     if selection is not None:
         extra["selection"] = selection
@@ -433,3 +492,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         extra["figures"] = [str(p) for p in trainer.task.write_figures(history, trainer.run_dir)]
     return trainer.recorder.write_summary(status="completed", steps=trainer.step, epoch=trainer.epoch,
                                           extra=extra, **common)
+
+
+def _resume_history(trainer: Trainer) -> list[dict]:
+    """The run's earlier resumes (from summary.json) and this one: the step it continued from and
+    the keys that changed (old, new)."""
+    previous = read_summary(trainer.run_dir / SUMMARY) if trainer.step else None
+    history = list((previous or {}).get("resumes") or [])
+    if trainer.step:
+        changed = {k: [old, new] for k, (old, new) in trainer.rundir.changed.items()}
+        history.append({"step": trainer.step, "changed": changed})
+    return history

@@ -49,9 +49,12 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from projbench.distributed import DistInfo  # noqa: E402
+from projbench.freezing import ParameterFreezer  # noqa: E402
 from projbench.optim import build_optimizer  # noqa: E402
+from projbench.phases import PhasePlan  # noqa: E402
 from projbench.records import RunRecorder  # noqa: E402
 from projbench.schedules import build_scheduler  # noqa: E402
+from projbench.selection import BestCheckpoint  # noqa: E402
 from projbench.tasks.imagenet import ImageNetTask  # noqa: E402
 from projbench.train import AUTOCAST_DTYPES, Trainer, resolve_device, seed_everything  # noqa: E402
 
@@ -171,8 +174,12 @@ def main() -> None:
         loader = DeviceBatches((images, targets), steps_per_round, args.warmup, args.warmup + args.steps, sync, clock)
         run_dir = run_root / f"round{index}"
         recorder = RunRecorder(run_dir, cfg, task.metrics, enabled=True)
+        # the loop's hooks as a plain run builds them: no frozen parameters, no selection, one phase
+        selector = BestCheckpoint(None, task.metrics, [])
         trainer = Trainer(cfg, run_dir, DistInfo(), device, task, model, model, optimizer, scheduler, scaler,
-                          loader, {}, steps_per_round, steps_per_round, recorder)
+                          loader, {}, steps_per_round, steps_per_round, recorder,
+                          ParameterFreezer(task, model, steps_per_round), selector,
+                          PhasePlan(None, steps_per_round, steps_per_round, selecting=False))
         trainer.fit()
         return loader.seconds()
 

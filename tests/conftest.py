@@ -25,6 +25,22 @@ def make_cfg(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
+def fixture_cfg(task: str, data_dir: Path, *overrides: str):
+    """The config `python -m projbench task=<task> task.data.fixture=true <overrides>` trains with."""
+    return make_cfg([f"task={task}", "task.data.fixture=true", f"paths.data_dir={data_dir}", *overrides])
+
+
+def fixture_batches(cfg) -> int:
+    """How many training batches the fixture of `cfg` gives (0: the run would stop before training)."""
+    from hydra.utils import get_class
+
+    from projbench.distributed import DistInfo
+
+    task = get_class(cfg.task._target_)(cfg.task)
+    task.setup(DistInfo())
+    return len(task.train_loader(int(cfg.task.data.batch_size), DistInfo(), 0))
+
+
 def sweep_cells(experiment: str, *overrides: str) -> list:
     """Every job config of `-m +experiment=<experiment> OVERRIDES`: the product of the
     experiment's hydra.sweeper.params (an override of a swept key does not narrow the sweep)."""
@@ -38,8 +54,9 @@ def sweep_cells(experiment: str, *overrides: str) -> list:
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None, runner=None):
     """`python -m projbench ARGS` (or `runner + ARGS`) in a subprocess; returns CompletedProcess."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+    full_env.pop("HYDRA_FULL_ERROR", None)  # the tests' own setting, not the developer's
+    full_env.update(env or {})
     cmd = (runner or [sys.executable, "-m", "projbench"]) + args
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
-from conftest import FAST, read_summary, run_cli
+import pytest
+
+from conftest import FAST, make_cfg, read_summary, run_cli
+from projbench.errors import ConfigError
 
 
 def test_help_and_cfg_job_show_groups(tmp_path):
@@ -20,8 +24,56 @@ def test_help_and_cfg_job_show_groups(tmp_path):
 
 def test_unknown_optimizer_lists_valid_ones(tmp_path):
     out = run_cli(["optim=lambada"], tmp_path)
-    assert out.returncode != 0
-    assert "adamp" in out.stderr and "sgdp" in out.stderr and "lion_p" in out.stderr
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: optim=lambada: no such config; choose one of adam, adam_p, adamp, adamw, ")
+    assert "lion_p" in out.stderr and "sgdp" in out.stderr
+    assert out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=abc", "optim.lr: must be a number like its default 0.1, got 'abc'"),
+    ("trainer.foo=1", "trainer.foo: Key 'foo' is not in struct; To append to your config use +trainer.foo=1"),
+    ("optim.lr=[1", "optim.lr=[1: no viable alternative at input '[1'"),
+])
+def test_wrong_types_unknown_keys_and_hydra_errors_are_one_line_with_exit_2(tmp_path, override, message):
+    out = run_cli([override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert (out.returncode, out.stderr) == (2, f"error: {message}\n")
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=1.5", "seed: must be an integer like its default 0, got 1.5"),
+    ("seed=abc", "seed: must be an integer like its default 0, got 'abc'"),
+    ("task.data.image_size=null", "task.data.image_size: must not be null (its default is 32)"),
+    ("optim=adam optim.betas=[0.9,abc]", "optim.betas[1]: must be a number like its default 0.999, got 'abc'"),
+    ("trainer.max_steps=null", None),                 # documented: then max_epochs decides
+    ("optim.lr=nan", "optim.lr: must be a finite number, got nan"),
+    ("resume=maybe", "resume: must be auto or true or false, got 'maybe'"),
+])
+def test_each_value_keeps_the_type_of_its_default(override, message):
+    """What the command line checks (projbench/cli.py prepare), in process."""
+    from projbench.runconfig import override_key
+    from projbench.validation import check_loop_config, check_override_types
+
+    overrides = override.split()
+    cfg, defaults = make_cfg(overrides), make_cfg([o for o in overrides if o.startswith("optim=")])
+    check = lambda: (check_override_types(cfg, defaults, [override_key(o) for o in overrides]),  # noqa: E731
+                     check_loop_config(cfg))
+    if message is None:
+        check()
+        return
+    with pytest.raises(ConfigError) as err:
+        check()
+    assert str(err.value) == message
+
+
+def test_an_unwritable_run_directory_is_one_line_and_full_error_shows_the_traceback(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    args = [f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"]
+    out = run_cli(args, tmp_path)
+    assert (out.returncode, out.stderr) == (2, f"error: {tmp_path / 'a_file' / 'run'}: Not a directory\n")
+    traced = run_cli(["optim.lr=abc"], tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert traced.returncode != 0 and "Traceback" in traced.stderr and "ConfigError" in traced.stderr
 
 
 def test_bad_values_fail_fast_with_exit_2_and_no_traceback(tmp_path):
@@ -76,7 +128,7 @@ def test_nan_loss_stops_the_run_and_marks_it_failed(tmp_path):
     out = run_cli(FAST + ["optim=sgd", "optim.lr=1e12", "trainer.max_steps=30", "trainer.log_every=5",
                           f"hydra.run.dir={run_dir}"], tmp_path)
     assert out.returncode == 1
-    assert "at step" in out.stderr
+    assert "at step" in out.stderr and "Traceback" not in out.stderr
     summary = read_summary(run_dir)
     assert summary["status"] == "failed" and "at step" in summary["error"]
     assert summary["steps"] < 30
@@ -92,6 +144,24 @@ def test_wandb_offline_run_is_written_under_the_run_dir(tmp_path):
     assert offline, list(run_dir.rglob("*"))
     assert "W&B" not in out.stderr, out.stderr[-2000:]  # it started, logged and finished cleanly
     assert read_summary(run_dir)["status"] == "completed"
+
+
+def test_wandb_with_a_key_and_no_network_starts_within_its_timeout_and_logs_offline(tmp_path, monkeypatch):
+    from projbench.records import WandbLogger
+
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = make_cfg(["logger=wandb", "logger.mode=online", "logger.init_timeout=3"])
+    start = time.perf_counter()
+    with pytest.warns(UserWarning, match="could not start online within logger.init_timeout=3 s .* logging offline"):
+        logger = WandbLogger(cfg.logger, cfg, tmp_path, "run-id")
+    assert time.perf_counter() - start < 30  # W&B's own default waits 90 s
+    assert logger.run is not None and logger.run.settings.mode == "offline"
+    logger.log({"train/loss": 1.0}, step=1)
+    logger.finish({"status": "completed"})
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
 def test_data_error_from_a_loader_worker_keeps_its_one_line_message():

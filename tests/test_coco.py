@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from conftest import CONF, make_cfg, run_cli
+from conftest import CONF, fixture_batches, fixture_cfg, make_cfg, run_cli
 from projbench.data.coco import (AUGMENTATIONS, CocoDetection, collate_detection, detection_transform,
                                  letterbox_window, read_coco_split, write_coco_fixture)
 from projbench.data.fixtures import write_once
@@ -37,6 +37,13 @@ def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     write_once(root / "fixtures" / "coco", write_coco_fixture)
     return root
+
+
+def test_fixture_true_alone_brings_the_fixture_sizes(data_dir):
+    for detector in ("centernet", "ssd"):
+        cfg = fixture_cfg("coco", data_dir, f"task/model={detector}")
+        assert (cfg.task.data.batch_size, cfg.task.data.image_size) == (8, 64)
+        assert fixture_batches(cfg) >= 1
 
 
 def fixture(data_dir: Path) -> Path:

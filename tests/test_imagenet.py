@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from conftest import make_cfg, run_cli
+from conftest import fixture_batches, fixture_cfg, make_cfg, run_cli
 from projbench.data.image_folder import BadImageError
 from projbench.data.transforms import IMAGENET_EIGENVALUES, IMAGENET_EIGENVECTORS, PCALighting
 from projbench.distributed import DistInfo
@@ -43,6 +43,12 @@ def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     ready_task(imagenet_cfg(root))
     return root
+
+
+def test_fixture_true_alone_brings_the_fixture_sizes(data_dir):
+    cfg = fixture_cfg("imagenet", data_dir)
+    assert (cfg.task.data.batch_size, cfg.task.data.image_size, cfg.task.model.arch) == (16, 32, "resnet10t")
+    assert fixture_batches(cfg) >= 1
 
 
 def real_copy(data_dir: Path, tmp_path: Path) -> Path:

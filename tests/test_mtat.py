@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import ROOT, make_cfg
 from projbench.data.audio import ChunkedClipDataset, Clip, load_chunks, load_clip
-from projbench.data.mtat import (ANNOTATIONS, FIXTURE_SOUNDS, FIXTURE_TAGS, fixture_labels, read_annotations,
-                                 read_mtat, write_mtat_fixture)
+from projbench.data.mtat import (ANNOTATIONS, FIXTURE_SOUNDS, FIXTURE_TAGS, Annotations, fixture_labels,
+                                 read_annotations, read_mtat, top_tags, write_mtat_fixture)
 from projbench.distributed import DistInfo
 from projbench.errors import DataError
 from projbench.tasks.mtat import MtatTask
@@ -56,6 +56,13 @@ def csv_rows(root: Path) -> tuple[list[str], list[list[str]]]:
 
 
 # -- data -------------------------------------------------------------------------------------
+def test_top_tags_break_ties_as_the_authors_split_script():
+    # counts 2, 3, 2, 1, 2: split.py's np.argsort(tag_count)[::-1] puts the later of equal counts first
+    labels = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 1], [0, 1, 0, 0, 0]], dtype=np.uint8)
+    annotations = Annotations(Path("annotations_final.csv"), ("a", "b", "c", "d", "e"), labels, [])
+    assert top_tags(annotations, 4) == ("b", "e", "c", "a")
+
+
 def test_fixture_is_in_the_official_layout_and_the_directory_split_keeps_tagged_clips(data_dir):
     root = data_dir / "fixtures" / "mtat"
     first = (root / ANNOTATIONS).read_text().splitlines()[0]
@@ -64,9 +71,10 @@ def test_fixture_is_in_the_official_layout_and_the_directory_split_keeps_tagged_
     assert header[1:-1] == list(FIXTURE_TAGS) and all(len(r) == len(header) for r in rows)
     assert {r[-1][0] for r in rows} == set("0123456789abcdef")
     tags, splits = read_mtat(root)
-    # the 50 most frequent tags, counted over all clips, ties in column order: the six sounding ones first
+    # the 50 most frequent tags, counted over all clips, the later column first on a tie (as the
+    # authors' split.py): the six sounding ones, then the last 44 columns of the never-used ones
     counts = np.array([[int(v) for v in r[1:-1]] for r in rows]).sum(axis=0)
-    assert list(tags) == [FIXTURE_TAGS[i] for i in sorted(range(len(FIXTURE_TAGS)), key=lambda i: (-counts[i], i))][:50]
+    assert list(tags) == [FIXTURE_TAGS[i] for i in sorted(range(len(FIXTURE_TAGS)), key=lambda i: (-counts[i], -i))][:50]
     assert set(tags[:6]) == set(FIXTURE_SOUNDS)
     folders = {"train": set("0123456789ab"), "val": {"c"}, "test": set("def")}
     labelled = {r[-1]: {h for h, v in zip(header[1:-1], r[1:-1]) if v == "1"} for r in rows}

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import CONF, make_cfg
+from conftest import CONF, fixture_batches, fixture_cfg, make_cfg
 from projbench.data.retrieval import BOTH, GALLERY, QUERY, READERS, ensure_fixture
 from projbench.distributed import DistInfo, ShardSampler
 from projbench.errors import DataError
@@ -110,6 +110,48 @@ def test_malformed_or_missing_files_name_the_file_and_line(case, data_dir, tmp_p
     with pytest.raises(DataError) as err:
         READERS[layout](root)
     assert str(root) in str(err.value) and expected in str(err.value), str(err.value)
+
+
+def test_a_missing_image_late_in_a_list_stops_the_run_in_setup(data_dir, tmp_path):
+    root = copy_fixture(data_dir, "sop", tmp_path)
+    last = (root / "Ebay_test.txt").read_text().split()[-1]
+    (root / last).unlink()
+    cfg = retrieval_cfg(tmp_path, "task=sop", "task.data.fixture=false", f"task.data.root={root}")
+    with pytest.raises(DataError, match=f"{last}: listed for the test split but missing .1 of the 48 images"):
+        RetrievalTask(cfg.task).setup(DistInfo())
+
+
+@pytest.mark.parametrize("unpacked", ["at the root", "inside Img", "nowhere"])
+def test_inshop_images_are_found_where_the_download_unzips_them(unpacked, data_dir, tmp_path):
+    root = copy_fixture(data_dir, "inshop", tmp_path)
+    (root / "Img").mkdir()
+    (root / "Img" / "img.zip").write_bytes(b"PK")  # the download's archive, unzipped somewhere
+    if unpacked == "inside Img":
+        (root / "img").rename(root / "Img" / "img")
+    elif unpacked == "nowhere":
+        (root / "img").rename(root / "elsewhere")
+    if unpacked == "nowhere":
+        with pytest.raises(DataError, match=f"in neither {root / 'Img'}/ nor {root}/. Unzip the download's Img/img.zip"):
+            READERS["inshop"](root)
+        return
+    splits = READERS["inshop"](root)
+    assert all(s.path.is_file() for samples in splits.values() for s in samples)
+
+
+def test_the_missing_data_hint_names_a_readme_section():
+    readme = (Path(CONF).parent / "README.md").read_text()
+    with pytest.raises(DataError, match='README.md, "Image retrieval .Table 6.", Data') as err:
+        READERS["cars196"](Path("/nonexistent/cars196"))
+    assert "### Image retrieval (Table 6)" in readme and "**Data.**" in readme.split("### Image retrieval")[1]
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("task", ["cub", "cars196", "sop", "inshop"])
+def test_fixture_true_alone_brings_the_fixture_sizes(task, data_dir):
+    cfg = fixture_cfg(task, data_dir)
+    assert (cfg.task.data.batch_size, cfg.task.data.image_size, cfg.task.model.arch) == (24, 32, "resnet10t")
+    assert fixture_batches(cfg) >= 1
+    assert fixture_cfg(task, data_dir, "task.data.batch_size=12").task.data.batch_size == 12  # the command line wins
 
 
 def test_missing_data_set_fails_in_setup_naming_the_path(tmp_path):

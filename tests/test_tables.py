@@ -30,12 +30,12 @@ def sweep(tmp_path_factory):
     """The real CLI's multirun: 4 optimizers x 2 seeds of digits, 3 steps each (about a minute)."""
     root = tmp_path_factory.mktemp("sweep")
     out = run_cli(["-m", "task=digits", "optim=" + ",".join(OPTIMS), "seed=0,1", "trainer.max_steps=3",
-                   "trainer.eval_every=3", "trainer.diagnostics_every=1", *FAST,
-                   f"hydra.sweep.dir={root / 'multirun'}"], root, timeout=600)
+                   "trainer.eval_every=3", "trainer.diagnostics_every=1", *FAST, f"paths.log_dir={root}"],
+                  root, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    run_dirs = sorted(p for p in (root / "multirun").iterdir() if p.is_dir())
+    run_dirs = sorted(p for p in (root / "runs" / "digits").iterdir() if p.is_dir())  # one per cell
     assert len(run_dirs) == 8
-    return root / "multirun"
+    return root / "runs" / "digits"
 
 
 def _summaries(sweep_dir):
@@ -115,6 +115,27 @@ def test_failed_runs_are_excluded_and_missing_cells_listed(sweep, tmp_path):
     missing = run_cli(["--runs", str(tmp_path / "nowhere")], tmp_path, runner=TABLES_CLI)
     assert missing.returncode == 2
     assert "nowhere" in missing.stderr and "no such directory" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_damaged_runs_are_skipped_with_one_line_naming_the_file(sweep, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for run_dir in sorted(d for d in sweep.iterdir() if d.is_dir())[:4]:
+        shutil.copytree(run_dir, runs / run_dir.name, ignore=shutil.ignore_patterns("checkpoint.pt"))
+    listed, wrong, torn, damaged = sorted(runs.iterdir())
+    (listed / "summary.json").write_text("[1, 2]")
+    (wrong / "summary.json").write_text('{"status": "completed", "metrics": 3}')
+    with open(torn / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "epo')  # a run killed mid-write: the rest of the file still counts
+    lines = (damaged / "metrics.jsonl").read_text().splitlines()
+    (damaged / "metrics.jsonl").write_text("\n".join(lines[:1] + ["garbage"] + lines[2:]) + "\n")
+    assert tables.main(["--runs", str(runs), "--table", "digits", "--out", str(tmp_path / "res")]) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("skipped")] == [
+        f"skipped {listed / 'summary.json'} (not a run summary: a JSON object with a metrics object)",
+        f"skipped {wrong / 'summary.json'} (not a run summary: a JSON object with a metrics object)",
+        f"skipped {damaged / 'metrics.jsonl'}:2: Expecting value: line 1 column 1 (char 0) "
+        "(damaged metrics; the run is left out of the figures)"]
+    assert "read 2 runs" in err and (tmp_path / "res" / "figures" / "digits_resnet10t.png").exists()
 
 
 def test_paper_values_are_the_papers():

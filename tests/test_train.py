@@ -52,7 +52,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     killed_at = torch.load(ckpt, weights_only=True)["step"]
     assert 10 <= killed_at < 40
 
-    out = run_cli(args + [f"hydra.run.dir={killed}", "resume=true"], tmp_path)
+    out = run_cli(args + [f"hydra.run.dir={killed}"], tmp_path)  # the same command continues it
     assert out.returncode == 0, out.stderr
     a, b = read_summary(full), read_summary(killed)
     assert b["status"] == "completed" and b["steps"] == 40
@@ -78,7 +78,7 @@ def test_ddp_two_ranks_match_one_rank(tmp_path):
     assert run_cli(args + [f"hydra.run.dir={one}"], tmp_path).returncode == 0
     torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2",
                 "--master_port=29517", "-m", "projbench"]
-    # No hydra.run.dir: each rank resolves the timestamped default itself; rank 0's must be used.
+    # No hydra.run.dir: each rank resolves the default itself; all must use rank 0's.
     out = run_cli(args, tmp_path, runner=torchrun, env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     summaries = list((tmp_path / "outputs").rglob("summary.json"))

@@ -423,10 +423,10 @@ def test_ddp_two_ranks_match_one_rank_and_checkpoint_the_global_memory(data_dir,
 
 
 def test_table7_sweep_fills_its_four_cells_beside_the_papers_numbers(data_dir, tmp_path, capsys):
-    sweep = tmp_path / "multirun"
     out = run_cli(["-m", "+experiment=wikitext_table7", *TINY[1:], f"paths.data_dir={data_dir}", "trainer.max_steps=2",
-                   "trainer.eval_every=2", f"hydra.sweep.dir={sweep}"], tmp_path)
+                   "trainer.eval_every=2", f"paths.log_dir={tmp_path}"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
+    sweep = tmp_path / "runs" / "wikitext"  # each cell's run directory
     summaries = [read_summary(d) for d in sorted(sweep.iterdir()) if (d / "summary.json").exists()]
     assert len(summaries) == 4
     capsys.readouterr()

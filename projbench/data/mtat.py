@@ -14,7 +14,8 @@ The folders may also sit in an `mp3/` subfolder of the root (the layout the Harm
 authors' preprocessing expects); `task.data.audio_dir` names another one.
 
 Tags: the `num_tags` (50) most frequent tags, counted over all clips of annotations_final.csv as
-Won et al.'s split script counts them (ties go to the earlier column), or an explicit list.
+Won et al.'s split script counts them (ties go to the later column, as its
+`np.argsort(tag_count)[::-1]` orders them), or an explicit list.
 
 Split, two ways:
   * `split_dir` given: the split files of Won et al. (github.com/minzwon/sota-music-tagging-models,
@@ -99,10 +100,13 @@ def read_annotations(path: Path) -> Annotations:
 
 
 def top_tags(annotations: Annotations, n: int) -> tuple[str, ...]:
-    """The `n` most frequent tags over all clips; ties keep the csv's column order."""
+    """The `n` most frequent tags over all clips, in that order. Equal counts put the later column
+    first, as the authors' split.py (data-driven-harmonic-filters, preprocessing/mtat/split.py:
+    `np.argsort(tag_count)[::-1][:50]`) does; here with a stable sort, so the order does not
+    depend on numpy's sorting kernel."""
     if not 0 < n <= len(annotations.tags):
         raise DataError(annotations.path, f"cannot choose the {n} most frequent of its {len(annotations.tags)} tags")
-    order = np.argsort(-annotations.labels.sum(axis=0, dtype=np.int64), kind="stable")[:n]
+    order = np.argsort(annotations.labels.sum(axis=0, dtype=np.int64), kind="stable")[::-1][:n]
     return tuple(annotations.tags[i] for i in order)
 
 

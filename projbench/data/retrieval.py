@@ -14,7 +14,10 @@ on disjoint classes; the split is the benchmarks' standard one:
   In-Shop (Inshop_Clothes/)             list_eval_partition.txt (or Eval/list_eval_partition.txt):
                                         a count line, a header line, then
                                         `image_name item_id evaluation_status` with status
-                                        train / query / gallery; images under the root or Img/
+                                        train / query / gallery; images under Img/ or the root
+                                        (whichever holds them)
+
+Every listed image is checked to exist before training (check_images_exist).
 
 A missing or malformed file is a DataError naming the file (and `file:line` for a bad line).
 The fixture writers lay out tiny data sets (images from projbench.data.fixtures) the same way.
@@ -22,6 +25,7 @@ The fixture writers lay out tiny data sets (images from projbench.data.fixtures)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -47,8 +51,8 @@ Splits = dict[str, list[Sample]]
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
         raise DataError(path, f"not found; expected {what}",
-                        "Point task.data.root at the data set's directory (see results/README_retrieval_section.md)"
-                        " or set task.data.fixture=true")
+                        "Point task.data.root at the data set's directory (README.md, \"Image retrieval (Table 6)\","
+                        " Data) or set task.data.fixture=true")
     return path
 
 
@@ -156,17 +160,32 @@ INSHOP_COLUMNS = ["image_name", "item_id", "evaluation_status"]
 INSHOP_ROLES = {"query": QUERY, "gallery": GALLERY}
 
 
+def _inshop_image_root(root: Path, first: str, listing: Path) -> Path:
+    """Where the In-Shop images are: the download's Img/ (Img/img/...) or the root itself, where
+    unzipping Img/img.zip in place puts img/; the folder that holds the first listed image."""
+    candidates = [root / "Img", root]
+    for folder in candidates:
+        if (folder / first).is_file():
+            return folder
+    raise DataError(root, f"the images of {listing.name} (the first: {first}) are in neither "
+                          f"{candidates[0]}/ nor {candidates[1]}/",
+                    "Unzip the download's Img/img.zip so that its img/ folder sits in one of them")
+
+
 def read_inshop(root: Path) -> Splits:
     root = Path(root)
     path = root / "list_eval_partition.txt"
     if not path.exists() and (root / "Eval" / "list_eval_partition.txt").exists():
         path = root / "Eval" / "list_eval_partition.txt"  # the layout of the DeepFashion download
     _require(path, "the In-Shop partition file (a count line, a header, then " + " ".join(INSHOP_COLUMNS) + ")")
-    image_root = root / "Img" if (root / "Img").is_dir() else root
     _expect_header(path, INSHOP_COLUMNS, line=2)
+    rows = list(_rows(path, INSHOP_COLUMNS, skip=2))
+    if not rows:
+        raise DataError(path, "lists no images")
+    image_root = _inshop_image_root(root, rows[0][1][0], path)
     items: dict[str, int] = {}  # item id -> label shared by train, query and gallery
     splits: Splits = {"train": [], "test": []}
-    for where, (name, item, status) in _rows(path, INSHOP_COLUMNS, skip=2):
+    for where, (name, item, status) in rows:
         if status not in ("train", *INSHOP_ROLES):
             raise DataError(where, f"evaluation_status must be train, query or gallery, got {status!r}")
         sample = Sample(image_root / name, items.setdefault(item, len(items)), INSHOP_ROLES.get(status, BOTH))
@@ -177,6 +196,16 @@ def read_inshop(root: Path) -> Splits:
     if declared != str(total):
         raise DataError(f"{path}:1", f"declares {declared!r} entries but lists {total}")
     return splits
+
+
+def check_images_exist(splits: Splits) -> None:
+    """Every listed image is a file (a stat each, no decoding): a missing one stops the run before
+    training rather than in the middle of an epoch."""
+    for split, samples in splits.items():
+        missing = [s.path for s in samples if not os.path.isfile(s.path)]
+        if missing:
+            raise DataError(missing[0], f"listed for the {split} split but missing ({len(missing)} of the "
+                                        f"{len(samples)} images of that split are missing)")
 
 
 # -- fixtures ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ A task owns its data, model, loss and metrics; it never sees the optimizer or th
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable
@@ -124,8 +125,8 @@ class Task(ABC):
     # Loaders: the default is a (distributed, resumable) shuffled loader over train_dataset();
     # tasks with special batching (class-balanced, token streams) override these.
     def loader_kwargs(self) -> dict:
-        data = self.cfg.data
-        workers = int(data.get("num_workers", 0))
+        workers = self.cfg.data.get("num_workers", 0)
+        workers = default_num_workers() if workers is None else int(workers)
         return dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
                     persistent_workers=workers > 0)
 
@@ -143,3 +144,12 @@ class Task(ABC):
                               generator=torch.Generator().manual_seed(0), **self.loader_kwargs())
             for split, ds in self.eval_datasets().items()
         }
+
+
+def default_num_workers(limit: int = 8) -> int:
+    """DataLoader workers per rank when `task.data.num_workers` is null: the CPUs this process may
+    run on, shared by the ranks of its node (torchrun's LOCAL_WORLD_SIZE), less one for the
+    training process itself; at most `limit`."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = cpus // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(0, min(limit, per_rank - 1))

@@ -11,18 +11,17 @@ projbench/attacks.py. Images stay in [0, 1] up to the model, whose first layer n
 Data: CIFAR-10's official python layout (projbench/data/cifar.py). Training images are
 randomly cropped from a 4-pixel padded copy and flipped; test images are used as they are.
 `task.data.fixture=true` writes a tiny set in the same layout (rank 0, once) and reads it
-through the same reader; with it, the values under `task.fixture` replace the task's own (a
+through the same reader; the task file's `${fixture:A,B}` values then give a WRN-10-1 (a
 WRN-34-10 under PGD-10 does not fit a CPU smoke run), and the run's `model` says what ran.
 """
 
 from __future__ import annotations
 
-import logging
 from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric
@@ -35,8 +34,6 @@ from projbench.distributed import DistInfo
 from projbench.errors import ConfigError
 from projbench.models.wide_resnet import WideResNet
 from projbench.tasks.base import Task
-
-log = logging.getLogger(__name__)
 
 HINT = ("Extract the official cifar-10-python.tar.gz and set task.data.root=/path/to/cifar-10-batches-py "
         "(or paths.data_dir=<dir holding cifar-10-batches-py/>), or set task.data.fixture=true for a tiny stand-in")
@@ -111,11 +108,6 @@ class CifarImages(Dataset):
 
 class Cifar10AdvTask(Task):
     def __init__(self, cfg: DictConfig):
-        if cfg.data.fixture and cfg.get("fixture"):
-            # Resolved first: the task's interpolations (${task.attack.norm}, ...) name the root.
-            resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-            cfg = OmegaConf.merge(resolved, resolved.fixture)
-            log.info("task.data.fixture=true: task.fixture replaces %s", OmegaConf.to_container(resolved.fixture))
         super().__init__(cfg)
         self.train_attack = Attack(cfg.attack, "task.attack")
         self.eval_attack = Attack(cfg.eval_attack, "task.eval_attack")

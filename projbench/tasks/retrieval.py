@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from projbench.data.retrieval import GALLERY, QUERY, READERS, Sample, ensure_fixture
+from projbench.data.retrieval import GALLERY, QUERY, READERS, Sample, check_images_exist, ensure_fixture
 from projbench.distributed import DistInfo, ResumableSampler, barrier
 from projbench.errors import ConfigError, DataError
 from projbench.tasks.base import Task
@@ -257,8 +257,7 @@ class RetrievalTask(Task):
         for split, samples in self.splits.items():
             if not samples:
                 raise DataError(self.data_root(), f"the {split} split is empty")
-            if not samples[0].path.is_file():
-                raise DataError(samples[0].path, f"image listed for {split} is missing")
+        check_images_exist(self.splits)
         self.train_classes = sorted({s.label for s in self.splits["train"]})
 
     def _transform(self, train: bool):
