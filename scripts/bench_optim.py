@@ -28,7 +28,14 @@ side-by-side way to tell whether a change to projbench/optim made the step faste
 Families and their baselines: the SGD family (momentum 0.9, no Nesterov, weight decay 1e-4) is
 compared with torch.optim.SGD(foreach=True); the Adam family (lr 1e-3, betas (0.9, 0.999),
 weight decay 1e-2, decoupled) with torch.optim.AdamW(foreach=True), and also with the fused
-versions on CUDA.
+versions on CUDA; the Lion family (timm's Lion, lr 1e-4, decoupled weight decay 1e-1) with timm's
+Lion(foreach=True).
+
+Each family also times the projection wrapper, projbench.optim.Projected, around its foreach
+baseline's optimizer: around SGD it is SGDP in the paper's Algorithm 1 form (its decay 1e-3 =
+SGDP's 1e-4 / (1 - momentum)), around Adam it is AdamP, around Lion it is Lion with the projection
+(no counterpart of ours). Its cost over SGDP / AdamP is the price of not knowing the inner
+optimizer's math: a copy of every weight before the step and a pass to subtract it after.
 """
 
 from __future__ import annotations
@@ -67,14 +74,19 @@ import projbench.optim as ours  # noqa: E402
 
 SGD_KW = dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4)
 ADAM_KW = dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-2)
+LION_KW = dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-1)
+# The wrapper's decay is decoupled (w *= 1 - lr * wd): SGD's entry takes SGDP's 1e-4 / (1 - momentum).
+WRAPPED = {"SGD": (torch.optim.SGD, dict(SGD_KW, weight_decay=1e-4 / (1 - 0.9))),
+           "Adam": (torch.optim.Adam, ADAM_KW),
+           "Lion": (timm.optim.Lion, LION_KW)}
 
 
 @dataclass
 class Entry:
     name: str
-    family: str  # "SGD" or "Adam"
+    family: str  # "SGD", "Adam" or "Lion"
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
-    role: str = ""  # "baseline", "fused", "official", "ours" or ""
+    role: str = ""  # "baseline", "fused", "official", "ours", "ours compiled", "wrapper" or ""
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +141,18 @@ def entries(device: str, revisions: tuple[tuple[str, ModuleType], ...] = ()) -> 
         ]
         out += [Entry(f"projbench {name} at {sha}", family, lambda p, c=getattr(mod, name), kw=kw: c(p, **kw),
                       f"rev {sha}") for sha, mod in revisions]
+        out.append(wrapper_entry(family))
+    out.append(Entry(f"timm Lion {timm.__version__} foreach", "Lion",
+                     lambda p: timm.optim.Lion(p, foreach=True, **LION_KW), "baseline"))
+    out.append(wrapper_entry("Lion"))
     return out
+
+
+def wrapper_entry(family: str) -> Entry:
+    """projbench.optim.Projected around the family's foreach optimizer."""
+    inner, kw = WRAPPED[family]
+    return Entry(f"projbench Projected({inner.__name__}) (ours, any optimizer)", family,
+                 lambda p: ours.Projected(p, inner=inner, foreach=True, **kw), "wrapper")
 
 
 def make_grads(model: torch.nn.Module, mode: str, generator: torch.Generator) -> list[torch.Tensor]:
@@ -181,23 +204,29 @@ def table(times: dict[str, list[float]], device: str,
     med = {name: statistics.median(ts) for name, ts in times.items()}
     by_role = {(e.family, e.role): e.name for e in es if e.role}
     cuda = device == "cuda"
-    head = "| optimizer | median ms | p25-p75 ms | vs torch foreach |" + (" vs torch fused |" if cuda else "")
+    head = "| optimizer | median ms | p25-p75 ms | vs foreach baseline |" + (" vs torch fused |" if cuda else "")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for e in es:
         q = statistics.quantiles(times[e.name], n=4, method="inclusive")
         row = (f"| {e.name} | {med[e.name]:.1f} | {q[0]:.1f}-{q[2]:.1f} "
                f"| {med[e.name] / med[by_role[(e.family, 'baseline')]]:.2f}x |")
         if cuda:
-            row += f" {med[e.name] / med[by_role[(e.family, 'fused')]]:.2f}x |"
+            fused = by_role.get((e.family, "fused"))
+            row += f" {med[e.name] / med[fused]:.2f}x |" if fused else " – |"
         rows.append(row)
     summary = []
     for family in ("SGD", "Adam"):
         official = med[by_role[(family, "official")]]
         for role in ("ours", "ours compiled"):
             summary.append(f"{family} family: official / {role} = {official / med[by_role[(family, role)]]:.2f}x")
+        wrapper = med[by_role[(family, "wrapper")]]
+        summary.append(f"{family} family: wrapper / ours = {wrapper / med[by_role[(family, 'ours')]]:.2f}x, "
+                       f"official / wrapper = {official / wrapper:.2f}x")
         for sha, _ in revisions:
             ratio = med[by_role[(family, f"rev {sha}")]] / med[by_role[(family, "ours")]]
             summary.append(f"{family} family: ours at {sha} / ours now = {ratio:.2f}x")
+    lion = med[by_role[("Lion", "wrapper")]] / med[by_role[("Lion", "baseline")]]
+    summary.append(f"Lion family: wrapper / timm Lion foreach = {lion:.2f}x")
     return rows, summary
 
 
@@ -247,7 +276,7 @@ def main() -> None:
 
     machine = [
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- command: `{shlex.join(sys.orig_argv)}`",
+        f"- command: `{shlex.join(['python', *sys.orig_argv[1:]])}`",  # no path of this machine
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}",
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
         f"adamp {importlib.metadata.version('adamp')}, Python {platform.python_version()}",

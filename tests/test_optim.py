@@ -571,13 +571,18 @@ def test_step_never_reads_tensors_on_the_host(cls, kw, monkeypatch, compiled):
 @COMPILED
 def test_cuda_step_does_not_sync(cls, kw, compiled):
     model = make_net(torch.float32).cuda()
-    opt = cls(model.parameters(), compiled=compiled, **kw)
+    steps_without_sync(model, cls(model.parameters(), compiled=compiled, **kw))
+
+
+def steps_without_sync(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Three CUDA steps; after the first (which builds the projector: one upload), any host-device
+    sync inside `opt.step()` raises."""
     x, y = (t.cuda() for t in batch(0, dtype=torch.float32))
     for step in range(3):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         torch.cuda.synchronize()
-        if step > 0:  # the first step builds the projector (one upload)
+        if step > 0:
             torch.cuda.set_sync_debug_mode("error")
         try:
             opt.step()
