@@ -20,7 +20,7 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
-from projbench.errors import Interrupted, NonFiniteLossError, StorageError, UserError
+from projbench.errors import Interrupted, NonFiniteLossError, StorageError, UserError, raised_user_error
 from projbench.runconfig import override_key
 from projbench.signals import STOP, exit_code
 from projbench.validation import check_finite, check_override_types
@@ -42,8 +42,9 @@ def one_line(exc: BaseException) -> str | None:
     from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
-    if isinstance(exc, UserError):
-        return str(exc)
+    user_error = raised_user_error(exc)  # ours, also when a config resolver raised it inside OmegaConf's
+    if user_error is not None:
+        return str(user_error)
     if isinstance(exc, MissingConfigException):
         text = str(exc)
         group = (exc.missing_cfg_file or "").rsplit("/", 1)

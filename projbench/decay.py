@@ -63,7 +63,30 @@ RULES = {
     "projbench.optim.SGDP": Rule("decoupled_lr_momentum", "sgd"),
     "adamp.AdamP": Rule("decoupled_lr", "adam"),
     "adamp.SGDP": Rule("decoupled_lr_momentum", "sgd"),
+    # timm 1.0.31 (each module's step): w *= 1 - lr * wd before the step (Lion, NAdamW, Muon, whose
+    # AdamW fallback for 1-D weights too), inside it (Mars: p * wd added to the update times lr),
+    # after it (LaProp), or Adan's proximal w <- (w - step) / (1 + lr * wd): lr * wd per step to
+    # first order in every case.
+    "timm.optim.Lion": Rule("decoupled_lr", "adam"),
+    "timm.optim.NAdamW": Rule("decoupled_lr", "adam"),
+    "timm.optim.Muon": Rule("decoupled_lr", "adam"),
+    "timm.optim.Mars": Rule("decoupled_lr", "adam"),
+    "timm.optim.LaProp": Rule("decoupled_lr", "adam"),
+    "timm.optim.Adan": Rule("decoupled_lr", "adam"),
 }
+
+# timm classes whose rule depends on one of their arguments: (argument, rule when true, when false).
+# Lamb without decoupled_decay adds wd * w to the update inside its trust ratio, which none of the
+# conventions describes (None: state its decay as native); Adopt without decoupled is L2.
+SWITCHED = {
+    "timm.optim.Lamb": ("decoupled_decay", Rule("decoupled_lr", "adam"), None),
+    "timm.optim.Adopt": ("decoupled", Rule("decoupled_lr", "adam"), Rule("coupled", "adam")),
+}
+
+# The projection wrapper (projbench/optim/wrapper.py) owns the decay, w *= 1 - lr * wd * ratio,
+# around any inner optimizer: decoupled_lr, converting from coupled L2 as its inner optimizer's
+# family allows (momentum SGD: in steady state; Adam-like: not at all).
+WRAPPER = "projbench.optim.Projected"
 
 
 @dataclass(frozen=True)
@@ -75,12 +98,29 @@ class Context:
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
+    inner: str | None = None     # the class the projection wrapper wraps
+    switches: tuple[tuple[str, bool], ...] = ()  # the SWITCHED arguments given, with their values
 
     @classmethod
     def of(cls, optim: DictConfig) -> "Context":
         """From a conf/optim node (interpolations resolved)."""
+        inner = optim.get("inner") if str(optim._target_) == WRAPPER else None
+        switches = tuple((arg, bool(optim[arg])) for arg, *_ in SWITCHED.values() if optim.get(arg) is not None)
         return cls(target=str(optim._target_), lr=float(optim.lr), momentum=float(optim.get("momentum") or 0.0),
-                   dampening=float(optim.get("dampening") or 0.0), nesterov=bool(optim.get("nesterov") or False))
+                   dampening=float(optim.get("dampening") or 0.0), nesterov=bool(optim.get("nesterov") or False),
+                   inner=None if inner is None else str(inner), switches=switches)
+
+
+def rule_of(ctx: Context) -> Rule | None:
+    """The decay rule of the optimizer `ctx` describes (None: unknown): its class's, that of the
+    class with its switch argument as given, or the wrapper's around its inner class."""
+    if ctx.target == WRAPPER:
+        inner = rule_of(Context(ctx.inner, ctx.lr, switches=ctx.switches)) if ctx.inner else None
+        return Rule("decoupled_lr", inner.family if inner is not None else "adam")
+    if ctx.target in SWITCHED:
+        arg, when_true, when_false = SWITCHED[ctx.target]
+        return when_true if dict(ctx.switches).get(arg, False) else when_false
+    return rule_for(ctx.target)
 
 
 def rule_for(target: str) -> Rule | None:
@@ -144,7 +184,7 @@ def optimizer_weight_decay(value: float, convention: str, ctx: Context) -> float
         raise ConfigError("optim.decay.value", f"must be >= 0, got {value}")
     if value == 0 or convention == "native":
         return float(value)
-    rule = rule_for(ctx.target)
+    rule = rule_of(ctx)
     if rule is None:
         raise ConfigError("optim.decay", f"{ctx.target} has no known weight-decay rule, so decay stated as "
                                          f"{convention} cannot be converted; state it as native (its own argument) "
@@ -169,7 +209,7 @@ def decay_per_step(weight_decay: float, ctx: Context) -> float | None:
     (None: coupled L2 under Adam, or an optimizer without a known rule)."""
     if weight_decay == 0:
         return 0.0
-    rule = rule_for(ctx.target)
+    rule = rule_of(ctx)
     if rule is None:
         return None
     _check_momentum(ctx)

@@ -47,9 +47,12 @@ Records = list[tuple[list[Tensor], Tensor]]
 
 
 def _test(group: dict, weights: list[Tensor]) -> Tensor:
-    """Bool per weight: passes the scale-invariance test on its current gradient."""
+    """Bool per weight: passes the scale-invariance test on its current gradient (with the
+    group's delta and eps: the projection wrapper's `proj_*` ones, SGDP's / AdamP's own, or the
+    paper's defaults)."""
     grads = [p.grad for p in weights]
-    projector = Projector(weights, group.get("delta", DELTA), group.get("eps", EPS))
+    delta = group.get("proj_delta", group.get("delta", DELTA))
+    projector = Projector(weights, delta, group.get("proj_eps", group.get("eps", EPS)))
     return projector.coefficients(weights, grads, grads)[1]
 
 

@@ -35,6 +35,16 @@ class DataError(UserError):
         self.path = path
 
 
+def raised_user_error(exc: BaseException) -> UserError | None:
+    """The UserError behind `exc`: OmegaConf wraps an error that a config resolver raises (e.g.
+    a recipe row without an entry for the optimizer) in InterpolationResolutionErrors."""
+    while exc is not None:
+        if isinstance(exc, UserError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf; the run is stopped and recorded as failed."""
 

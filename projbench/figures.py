@@ -10,7 +10,8 @@ seeds (band: ± std).
 A task can add its own comparison figures: register a function in TASK_FIGURES (see
 `register_task_figure`); the toy's trajectory plot is plugged in that way. A table of
 results/paper.yaml can name a figure drawn from its own runs (`figure: {kind: ...}`, see
-TABLE_FIGURES): one curve per row, the paper's values marked.
+TABLE_FIGURES): one curve per row, the paper's values marked (`training_curves`), or each optimizer
+beside its projected versions (`projection_pairs`).
 """
 
 from __future__ import annotations
@@ -262,6 +263,64 @@ def _table_toy3d(result: TableResult, out_dir: Path) -> list[Path]:
     if not panels:
         return []
     return [plot_toy3d_panels(panels, out_dir / f"{spec.name}.png", spec.title)]
+
+
+@register_table_figure("projection_pairs")
+def _table_projection_pairs(result: TableResult, out_dir: Path) -> list[Path]:
+    """Each optimizer beside its projected versions (the rows whose `base:` it is): for each column
+    of `figure.columns` (default: all), one panel per base row with `figure.panel` (default
+    diag/weight_norm) per epoch, mean ± std over the seeds of that column's runs; one file each,
+    <table>_<column>.png."""
+    spec = result.spec
+    projected: dict[str, list[str]] = defaultdict(list)
+    for row in spec.rows:
+        if row.base:
+            projected[row.base].append(row.name)
+    written = []
+    for column in spec.figure.get("columns") or [c.name for c in spec.columns]:
+        curves = {row: [h for run in runs if run.run_dir and (h := read_history(run.run_dir))]
+                  for row, runs in row_runs(result, column).items()}
+        pairs = {base: [p for p in rows if curves.get(p)] for base, rows in projected.items() if curves.get(base)}
+        pairs = {base: rows for base, rows in pairs.items() if rows}
+        if pairs:
+            stem = re.sub(r"[^A-Za-z0-9]+", "-", f"{spec.name}_{column}").strip("-").lower()
+            written.append(plot_projection_pairs(curves, pairs, spec.figure.get("panel", "diag/weight_norm"),
+                                                 out_dir / f"{stem}.png", f"{spec.name}, {column}"))
+    return written
+
+
+def plot_projection_pairs(curves: dict[str, list[History]], pairs: dict[str, list[str]], key: str, path: Path,
+                          title: str) -> Path:
+    """One panel per base optimizer: `key` (split/name; diag quantities averaged per epoch) per
+    epoch, ± std over seeds, the base in grey and its projected versions in colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split, name = key.split("/", 1)
+    ylabel = PANELS.get((split, name), (key,))[0]
+    cols = min(4, len(pairs))
+    rows = -(-len(pairs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+    for ax, (base, projected) in zip(axes.flat, pairs.items()):
+        for label, color in [(base, "0.45"), *zip(projected, ("tab:red", "tab:blue", "tab:green"))]:
+            x, mean, std = mean_curve(curves[label], split, name, per_epoch=split == "diag")
+            ax.plot(x, mean, color=color, lw=1.4, label=f"{label} (n={len(curves[label])})")
+            if len(curves[label]) > 1:
+                ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=color, alpha=0.2, lw=0)
+        ax.set(title=base, xlabel="epoch", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis("off")
+    fig.suptitle(f"{title}: without and with the projection")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write_table_figures(results: list[TableResult], out_dir: Path) -> list[Path]:

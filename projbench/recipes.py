@@ -308,7 +308,7 @@ def _decay_note(cfg: DictConfig) -> str:
     per_step = decay_rules.decay_per_step(argument, ctx)
     if per_step is not None:
         step = f"per step {_fmt(per_step)} at the base lr"
-    elif decay_rules.rule_for(ctx.target) is None:
+    elif decay_rules.rule_of(ctx) is None:
         step = "no known decay rule for this optimizer"
     else:
         step = "coupled L2 under Adam: no per-step equivalent"
@@ -358,10 +358,6 @@ def render_log(entries: list[Entry]) -> list[str]:
     return [f"recipe {e.key} = {e.shown}  [{e.source}]" for e in entries]
 
 
-def _subsets(values: list[str]) -> list[tuple[str, ...]]:
-    return [tuple(v for i, v in enumerate(values) if mask >> i & 1) for mask in range(1, 2 ** len(values))]
-
-
 def _product(choices: Sequence[Sequence[str]]) -> list[tuple[str, ...]]:
     out: list[tuple[str, ...]] = [()]
     for values in choices:
@@ -371,18 +367,37 @@ def _product(choices: Sequence[Sequence[str]]) -> list[tuple[str, ...]]:
 
 def _axes_text(cells: set[tuple[str, ...]], axes: list[tuple[str, list[str]]]) -> str:
     """Which cells a row holds in, as the overrides that select them: "all", or blocks such as
-    `task.recipe=resnet18,resnet50 optim=sgd,sgdp` joined by "or" (a greedy cover by products)."""
+    `task.recipe=resnet18,resnet50 optim=sgd,sgdp` joined by "or": the cells grouped by one axis's
+    value, values whose cells agree on the other axes merged into one block (recursively); each
+    axis is tried first and the cover with the fewest blocks, then the shortest text, is shown,
+    its largest block first."""
     values = [v for _, v in axes]
     if len(cells) == len(_product(values)):
         return "all"
-    blocks, left = [], set(cells)
-    candidates = [b for b in _product([_subsets(v) for v in values]) if set(_product(b)) <= cells]
-    while left:
-        best = max(candidates, key=lambda b: (len(set(_product(b)) & left), -sum(map(len, b))))
-        blocks.append(best)
-        left -= set(_product(best))
-    return " or ".join(" ".join(f"{name}={','.join(chosen)}" for (name, full), chosen in zip(axes, block)
-                                if len(chosen) != len(full)) for block in blocks)
+    covers = []
+    for first in range(len(axes)):
+        order = [first, *(i for i in range(len(axes)) if i != first)]
+        blocks = _factor_blocks({tuple(c[i] for i in order) for c in cells}, [values[i] for i in order])
+        blocks = [tuple(block[order.index(i)] for i in range(len(axes))) for block in blocks]
+        blocks.sort(key=lambda block: -len(_product(block)))  # the largest first
+        text = " or ".join(" ".join(f"{name}={','.join(chosen)}" for (name, full), chosen in zip(axes, block)
+                                    if len(chosen) != len(full)) for block in blocks)
+        covers.append((len(blocks), len(text), text))
+    return min(covers)[2]
+
+
+def _factor_blocks(cells: set[tuple[str, ...]], values: list[list[str]]) -> list[tuple[tuple[str, ...], ...]]:
+    """An exact cover of `cells` by products of value tuples: the first axis's values that share
+    the same set of remaining labels form one block's first factor (linear in the cells, where
+    trying every subset of a 21-optimizer axis would not end)."""
+    if not values:
+        return [()] if cells else []
+    groups: dict[frozenset, list[str]] = {}
+    for value in values[0]:
+        tails = frozenset(c[1:] for c in cells if c[0] == value)
+        if tails:
+            groups.setdefault(tails, []).append(value)
+    return [(tuple(first), *rest) for tails, first in groups.items() for rest in _factor_blocks(set(tails), values[1:])]
 
 
 def table_rows(cells: list) -> tuple[list[tuple[str, str, str, str]], list[tuple[str, list[str]]]]:

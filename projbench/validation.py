@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from projbench.errors import ConfigError
+from projbench.errors import ConfigError, raised_user_error
 
 # Keys whose yaml default is a value but whose documentation also accepts null.
 NULL_ALLOWED = {
@@ -120,6 +120,9 @@ def check_finite(cfg: DictConfig) -> None:
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - an interpolation that cannot be resolved
+        inner = raised_user_error(exc)  # a config resolver's own error names its key itself
+        if inner is not None:
+            raise inner from None
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(key, str(exc).strip().splitlines()[0]) from None
 

@@ -33,7 +33,14 @@ Families and their baselines: the SGD family (momentum 0.9, no Nesterov, weight 
 compared with torch.optim.SGD, the Adam family (lr 1e-3, betas (0.9, 0.999), weight decay 1e-2,
 decoupled) with torch.optim.AdamW, each as torch runs it: foreach (torch's default), fused
 (`fused=True`: one multi-tensor kernel) and compiled (`torch.compile` of `step()`, as in torch's
-"Compiling the optimizer" recipe). The fused step is the floor: ratios are given against it.
+"Compiling the optimizer" recipe). The fused step is the floor: ratios are given against it. The
+Lion family (timm's Lion, lr 1e-4, decoupled weight decay 1e-1) has timm's Lion(foreach=True).
+
+Each family also times the projection wrapper, projbench.optim.Projected, around its foreach
+baseline's optimizer: around SGD it is SGDP in the paper's Algorithm 1 form (its decay 1e-3 =
+SGDP's 1e-4 / (1 - momentum)), around Adam it is AdamP, around Lion it is Lion with the projection
+(no counterpart of ours). Its cost over SGDP / AdamP is the price of not knowing the inner
+optimizer's math: a copy of every weight before the step and a pass to subtract it after.
 """
 
 from __future__ import annotations
@@ -72,14 +79,19 @@ import projbench.optim as ours  # noqa: E402
 
 SGD_KW = dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4)
 ADAM_KW = dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-2)
+LION_KW = dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-1)
+# The wrapper's decay is decoupled (w *= 1 - lr * wd): SGD's entry takes SGDP's 1e-4 / (1 - momentum).
+WRAPPED = {"SGD": (torch.optim.SGD, dict(SGD_KW, weight_decay=1e-4 / (1 - 0.9))),
+           "Adam": (torch.optim.Adam, ADAM_KW),
+           "Lion": (timm.optim.Lion, LION_KW)}
 
 
 @dataclass
 class Entry:
     name: str
-    family: str  # "SGD" or "Adam"
+    family: str  # "SGD", "Adam" or "Lion"
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
-    role: str = ""  # "baseline", "fused", "official", "ours" or ""
+    role: str = ""  # "foreach", "fused", "compiled", "official", "ours eager", "ours fused", "wrapper", ...
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +131,8 @@ def compiled_step(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 def entries(device: str, revisions: tuple[tuple[str, ModuleType], ...] = ()) -> list[Entry]:
     """Per family: torch's foreach, fused and compiled steps, the official, timm's and ours
-    (eager and fused; and ours at each `--rev`)."""
+    (eager and fused; and ours at each `--rev`), the wrapper around the family's foreach
+    optimizer; the Lion family: timm's Lion and the wrapper around it."""
     families = [
         ("SGD", torch.optim.SGD, "SGDP", adamp.SGDP, timm.optim.SGDP, ours.SGDP, SGD_KW),
         ("Adam", torch.optim.AdamW, "AdamP", adamp.AdamP, timm.optim.AdamP, ours.AdamP, ADAM_KW),
@@ -142,7 +155,18 @@ def entries(device: str, revisions: tuple[tuple[str, ModuleType], ...] = ()) -> 
         ]
         out += [Entry(f"projbench {name} at {sha}", family, lambda p, c=getattr(mod, name), kw=kw: c(p, **kw),
                       f"rev {sha}") for sha, mod in revisions]
+        out.append(wrapper_entry(family))
+    out.append(Entry(f"timm Lion {timm.__version__} foreach", "Lion",
+                     lambda p: timm.optim.Lion(p, foreach=True, **LION_KW), "foreach"))
+    out.append(wrapper_entry("Lion"))
     return out
+
+
+def wrapper_entry(family: str) -> Entry:
+    """projbench.optim.Projected around the family's foreach optimizer."""
+    inner, kw = WRAPPED[family]
+    return Entry(f"projbench Projected({inner.__name__}) (ours, any optimizer)", family,
+                 lambda p: ours.Projected(p, inner=inner, foreach=True, **kw), "wrapper")
 
 
 def make_grads(model: torch.nn.Module, generator: torch.Generator) -> list[torch.Tensor]:
@@ -237,7 +261,7 @@ def table(timings: Timings, device: str,
             continue
         q = statistics.quantiles(timings.steps[e.name], n=4, method="inclusive")
         rows.append(f"| {e.name} | {med[e.name]:.1f} | {q[0]:.1f}-{q[2]:.1f} "
-                    f"| {ratio(e.name, by_role[(e.family, 'fused')])} "
+                    f"| {ratio(e.name, by_role.get((e.family, 'fused')))} "
                     f"| {ratio(e.name, by_role[(e.family, 'foreach')])} | {timings.first[e.name]:.0f} |")
     summary = []
     for family in ("SGD", "Adam"):
@@ -246,9 +270,15 @@ def table(timings: Timings, device: str,
             ours_name = by_role[(family, role)]
             summary.append(f"{family} family: {role} / torch fused = {ratio(ours_name, fused)}; "
                            f"official / {role} = {ratio(official, ours_name)}")
+        wrapper = by_role[(family, "wrapper")]
+        summary.append(f"{family} family: wrapper / ours fused = {ratio(wrapper, by_role[(family, 'ours fused')])}, "
+                       f"wrapper / ours eager = {ratio(wrapper, by_role[(family, 'ours eager')])}, "
+                       f"official / wrapper = {ratio(official, wrapper)}")
         for sha, _ in revisions:
             summary.append(f"{family} family: ours at {sha} / ours fused now = "
                            f"{ratio(by_role[(family, f'rev {sha}')], by_role[(family, 'ours fused')])}")
+    summary.append(f"Lion family: wrapper / timm Lion foreach = "
+                   f"{ratio(by_role[('Lion', 'wrapper')], by_role[('Lion', 'foreach')])}")
     return rows, summary
 
 
@@ -365,7 +395,7 @@ def main() -> None:
 
     machine = [
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- command: `{shlex.join(sys.orig_argv)}`",
+        f"- command: `{shlex.join(['python', *sys.orig_argv[1:]])}`",  # no path of this machine
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}",
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
         f"adamp {importlib.metadata.version('adamp')}, Python {platform.python_version()}",

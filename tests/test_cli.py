@@ -23,9 +23,10 @@ def test_help_and_cfg_job_show_groups(tmp_path):
 
 
 def test_unknown_optimizer_lists_valid_ones(tmp_path):
-    out = run_cli(["optim=lamb"], tmp_path)
+    out = run_cli(["optim=lambada"], tmp_path)
     assert out.returncode == 2
-    assert out.stderr.startswith("error: optim=lamb: no such config; choose one of adam, adamp, adamw, sgd, sgdp")
+    assert out.stderr.startswith("error: optim=lambada: no such config; choose one of adam, adam_p, adamp, adamw, ")
+    assert "lion_p" in out.stderr and "sgdp" in out.stderr
     assert out.stderr.count("\n") == 1
 
 
@@ -84,6 +85,15 @@ def test_bad_values_fail_fast_with_exit_2_and_no_traceback(tmp_path):
         assert key in out.stderr
         assert "Traceback" not in out.stderr
         assert not (tmp_path / key / "metrics.jsonl").exists(), "training must not start"
+
+
+def test_config_error_raised_in_a_resolver_is_one_line(tmp_path):
+    """A recipe row without an entry for the optimizer (projbench.optim_entry) stops with one line."""
+    out = run_cli(["task=imagenet", "optim=lion", "optim.recipe_as.entries=[]", "logger=none",
+                   f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "error: task.recipes.resnet18: has no entry for optim=lion" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_single_run_writes_its_records(tmp_path):

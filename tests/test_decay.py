@@ -17,6 +17,7 @@ from projbench.optim import build_optimizer
 
 ADAMW, ADAMP, ADAM = "torch.optim.AdamW", "projbench.optim.AdamP", "torch.optim.Adam"
 SGD, SGDP = "torch.optim.SGD", "projbench.optim.SGDP"
+PROJECTED = "projbench.optim.Projected"
 
 
 @pytest.mark.parametrize("value, convention, ctx, argument, per_step", [
@@ -38,6 +39,12 @@ SGD, SGDP = "torch.optim.SGD", "projbench.optim.SGDP"
     (5e-4, "native", Context(ADAM, lr=1e-3), 5e-4, None),
     (5e-4, "native", Context(ADAMP, lr=1e-3), 5e-4, 5e-7),
     (0.0, "coupled", Context(ADAMW, lr=1e-3), 0.0, 0.0),   # no decay is no decay in any convention
+    # the projection wrapper decays as AdamW around any optimizer: SGD's coupled 1e-4 at momentum
+    # 0.9 is its 1e-3 (SGDP's 1e-4 / (1 - momentum)); timm's classes by their rule
+    (1e-4, "coupled", Context(PROJECTED, lr=0.1, momentum=0.9, inner=SGD), 1e-3, 1e-4),
+    (1e-4, "decoupled", Context(PROJECTED, lr=1e-3, inner=ADAM), 0.1, 1e-4),
+    (1e-4, "decoupled", Context("timm.optim.Lion", lr=1e-4), 1.0, 1e-4),
+    (1e-4, "decoupled", Context("timm.optim.Adopt", lr=1e-3, switches=(("decoupled", True),)), 0.1, 1e-4),
 ])
 def test_conventions_convert_to_each_optimizers_argument(value, convention, ctx, argument, per_step):
     got = optimizer_weight_decay(value, convention, ctx)
@@ -53,6 +60,10 @@ def test_conventions_convert_to_each_optimizers_argument(value, convention, ctx,
     (1e-4, "l2", Context(SGD, lr=0.1), "optim.decay.convention"),
     (-1e-4, "coupled", Context(SGD, lr=0.1), "optim.decay.value"),
     (1e-4, "decoupled", Context("torch.optim.RMSprop", lr=0.1), "optim.decay"),   # no known rule
+    (1e-4, "coupled", Context(PROJECTED, lr=1e-3, inner=ADAM), "optim.decay"),    # L2 through Adam's moments
+    (1e-4, "decoupled", Context("timm.optim.Lamb", lr=1e-3, switches=(("decoupled_decay", False),)),
+     "optim.decay"),                                                              # inside LAMB's trust ratio
+    (1e-4, "decoupled", Context("timm.optim.Adopt", lr=1e-3), "optim.decay"),     # ADOPT's default: L2
 ])
 def test_conversions_that_do_not_exist_are_config_errors(value, convention, ctx, key):
     with pytest.raises(ConfigError) as err:

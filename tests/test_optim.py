@@ -569,13 +569,18 @@ def test_step_never_reads_tensors_on_the_host(cls, kw, monkeypatch, fused):
 @FUSED
 def test_cuda_step_does_not_sync(cls, kw, fused):
     model = make_net(torch.float32).cuda()
-    opt = cls(model.parameters(), fused=fused, **kw)
+    steps_without_sync(model, cls(model.parameters(), fused=fused, **kw))
+
+
+def steps_without_sync(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Three CUDA steps; after the first (which builds the projector: one upload), any host-device
+    sync inside `opt.step()` raises."""
     x, y = (t.cuda() for t in batch(0, dtype=torch.float32))
     for step in range(3):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         torch.cuda.synchronize()
-        if step > 0:  # the first step builds the projector (one upload)
+        if step > 0:
             torch.cuda.set_sync_debug_mode("error")
         try:
             opt.step()

@@ -159,8 +159,26 @@ EXPECTED_DECAY = {   # experiment -> cell config -> (optimizer class or None, we
     "resnet18_figure_digits": lambda c: (None, 0.0, 0.0),
     "digits": lambda c: (None, *{"sgd": (1e-4, 1e-4), "sgdp": (1e-4, 1e-4), "adam": (0.0, 0.0),
                                  "adamp": (0.0, 0.0)}[c.optim.name]),
+    "beyond": lambda c: (_class(c.optim.name), 0.0, 0.0),
+    "beyond_imagenet": lambda c: _beyond_imagenet(c),
 }
 PAPER_CLASS = {"sgd": SGD, "sgdp": SGDP, "sgdp_alg1": SGDP, "adam": ADAM, "adamw": ADAMW, "adamp": ADAMP}
+PROJECTED = "projbench.optim.Projected"
+
+
+def _class(name: str) -> str:
+    """The class behind an optimizer config: the paper's, the wrapper (`_p`) or timm's."""
+    timm = {"lion": "Lion", "lamb": "Lamb", "adan": "Adan", "nadamw": "NAdamW", "adopt": "Adopt",
+            "laprop": "LaProp", "mars": "Mars", "muon": "Muon"}
+    return PAPER_CLASS.get(name) or (PROJECTED if name.endswith("_p") else f"timm.optim.{timm[name]}")
+
+
+def _beyond_imagenet(c) -> tuple:
+    """ResNet18's recipe: SGD's coupled 1e-4 (sgd_p: the wrapper's 1e-3 at momentum 0.9), and for
+    the rest AdamW's 1e-4 per step at their lr (Lion's: AdamW's / 10)."""
+    if c.optim.name in ("sgd", "sgdp", "sgd_p"):
+        return _class(c.optim.name), 1e-3 if c.optim.name == "sgd_p" else 1e-4, 1e-4
+    return _class(c.optim.name), 1e-4 / c.optim.lr, 1e-4
 
 
 def test_each_tables_sweep_decays_every_optimizer_as_its_source_says(sweeps):

@@ -326,6 +326,33 @@ tables:
     assert out.returncode == 2 and "figure kind must be one of" in out.stderr
 
 
+def test_projection_pairs_figure_puts_each_base_beside_its_projected_rows(sweep, tmp_path):
+    """`figure: {kind: projection_pairs}`: one panel per row that is another row's `base:`, per column."""
+    from projbench.figures import write_table_figures
+
+    paper = tmp_path / "paper.yaml"
+    paper.write_text("""
+tables:
+  pairs:
+    title: "pairs"
+    metric: test/top1
+    direction: max
+    select: {task.name: digits}
+    rows:
+      SGD: {select: {optim.name: sgd}}
+      SGDP: {select: {optim.name: sgdp}, base: SGD}
+      Adam: {select: {optim.name: adam}}
+      AdamP: {select: {optim.name: adamp}, base: Adam}
+    columns:
+      Top-1: {}
+    paper: {}
+    figure: {kind: projection_pairs}
+""")
+    result = build_table(load_spec(paper)["pairs"], find_runs([sweep]))
+    (path,) = write_table_figures([result], tmp_path / "figures")
+    assert path == tmp_path / "figures" / "pairs-top-1.png" and path.stat().st_size > 20_000
+
+
 def test_latex_and_csv_are_well_formed(sweep):
     runs = find_runs([sweep])
     specs = load_spec()

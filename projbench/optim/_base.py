@@ -89,11 +89,9 @@ class ProjectedOptimizer(Optimizer):
                 loss = closure()
         self.last_projection = []
         for index, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
+            params = params_with_grad(group, type(self).__name__)
             if not params:
                 continue
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             plan = self._fused_plan(group, params, index)
             if plan is not None:
                 self._fused_step(group, plan, index)
@@ -150,12 +148,7 @@ class ProjectedOptimizer(Optimizer):
 
     def _projector(self, index: int, group: dict, weights: list[Tensor]) -> Projector:
         """The projector for this group's current set of multi-dimensional weights."""
-        key = tuple(id(p) for p in weights) + (group["delta"], group["eps"])
-        projector = self._projectors.get(index)
-        if projector is None or projector.key != key:
-            projector = Projector(weights, group["delta"], group["eps"])
-            self._projectors[index] = projector
-        return projector
+        return cached_projector(self._projectors, index, weights, group["delta"], group["eps"])
 
     def _state(self, p: Tensor, name: str) -> Tensor:
         """A state buffer shaped and laid out like `p`; float32 for float16/bfloat16 weights."""
@@ -180,12 +173,7 @@ class ProjectedOptimizer(Optimizer):
             coef, projected = projector.decide(gw, gg.sqrt(), ww.sqrt(), wu)
         else:
             coef, projected = projector.coefficients(weights, grads, updates)
-        if wd > 0:
-            # new_full fills on the device; new_tensor would be a blocking host-to-device copy
-            ratio = torch.where(projected, coef.new_full((), group["wd_ratio"]), 1.0)  # in coef's dtype
-            decay = (1 - lr * wd * ratio / decay_divisor)[projector.layout.row_param]
-        else:
-            decay = torch.ones_like(coef)
+        decay = decay_factors(projector, coef, projected, lr, wd, group["wd_ratio"], decay_divisor)
         return projector, coef, decay, projected
 
     def _apply(
@@ -228,6 +216,37 @@ class ProjectedOptimizer(Optimizer):
         if single and wd > 0:
             torch._foreach_mul_([params[i] for i in single], 1 - lr * wd / decay_divisor)
         _add_scaled(params, updates, step_sizes)
+
+
+def params_with_grad(group: dict, optimizer: str) -> list[Tensor]:
+    """The group's parameters that have a gradient; sparse gradients are refused."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if any(p.grad.is_sparse for p in params):
+        raise RuntimeError(f"{optimizer} does not support sparse gradients")
+    return params
+
+
+def cached_projector(cache: dict[int, Projector], index: int, weights: list[Tensor], delta: float,
+                     eps: float) -> Projector:
+    """The projector of param group `index` for its current set of multi-dimensional weights,
+    from `cache` (rebuilt, and cached, when that set or delta / eps changed)."""
+    key = tuple(id(p) for p in weights) + (delta, eps)
+    projector = cache.get(index)
+    if projector is None or projector.key != key:
+        projector = Projector(weights, delta, eps)
+        cache[index] = projector
+    return projector
+
+
+def decay_factors(projector: Projector, coef: Tensor, projected: Tensor, lr: float, wd: float,
+                  wd_ratio: float, divisor: float = 1.0) -> Tensor:
+    """Per-row decoupled decay factors `1 - lr * wd * ratio / divisor`, ratio `wd_ratio` for the
+    weights in `projected` and 1 for the others (ones when `wd` is 0), in `coef`'s dtype and device."""
+    if wd <= 0:
+        return torch.ones_like(coef)
+    # new_full fills on the device; new_tensor would be a blocking host-to-device copy
+    ratio = torch.where(projected, coef.new_full((), wd_ratio), 1.0)
+    return (1 - lr * wd * ratio / divisor)[projector.layout.row_param]
 
 
 def _add_scaled(params: list[Tensor], updates: list[Tensor], step_sizes: list[float]) -> None:

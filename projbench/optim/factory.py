@@ -14,8 +14,9 @@ from projbench.errors import ConfigError
 
 # Keys of conf/optim/*.yaml that are ours, not the optimizer's arguments: `decay` is the weight
 # decay as the recipe states it (projbench/decay.py turns it into `weight_decay`), `sources`
-# where each recipe value comes from.
-_META_KEYS = ("name", "_target_", "no_decay_bias_norm", "decay", "decay_per_step", "sources")
+# where each recipe value comes from, `recipe_as` which entry of a task's per-optimizer recipe an
+# optimizer without one of its own takes (projbench/config.py).
+_META_KEYS = ("name", "_target_", "no_decay_bias_norm", "decay", "decay_per_step", "sources", "recipe_as")
 
 
 def param_groups(model: nn.Module, no_decay_bias_norm: bool, extra_groups: Iterable[dict] = ()) -> list[dict]:
