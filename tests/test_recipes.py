@@ -150,7 +150,7 @@ EXPECTED_DECAY = {   # experiment -> cell config -> (optimizer class or None, we
                                           (c.task.model.detector, c.optim.name)]),
     "audio_table5": lambda c: (None, 1e-4, None if c.optim.name == "adam" else 1e-8),
     "cifar10_adv_table4a": lambda c: (None, 5e-4, None if c.optim.name == "adam" else 5e-7),
-    "retrieval_table6": lambda c: ({"adam": ADAMW, "adamp": ADAMP}[c.optim.name], 1e-4, 1e-4 * c.optim.lr),
+    "retrieval_table6": lambda c: ({"adamw": ADAMW, "adamp": ADAMP}[c.optim.name], 1e-4, 1e-4 * c.optim.lr),
     "biased_mnist_table4b": lambda c: (None, 1e-4, None if c.optim.name == "adam" else 1e-7),
     "imagenet9_table4c": lambda c: (None, 1e-4, None if c.optim.name == "adam" else 1e-7),
     "wikitext_table7": lambda c: (None, 1e-2, 2.5e-6),

@@ -373,13 +373,13 @@ def test_table6_experiment_covers_the_table_with_the_agreed_keys():
                          return_hydra_config=True).hydra.sweeper.params
     assert params["task"].split(",") == ["cub", "cars196", "sop", "inshop"]
     assert params["task/loss"].split(",") == ["triplet", "proxyanchor"]
-    assert params["optim"].split(",") == ["adam", "adamp"]
+    assert params["optim"].split(",") == ["adamw", "adamp"]
     for task, loss, optim in itertools.product(["cub", "cars196", "sop", "inshop"], ["triplet", "proxyanchor"],
-                                               ["adam", "adamp"]):
+                                               ["adamw", "adamp"]):
         cfg = make_cfg(["+experiment=retrieval_table6", f"task={task}", f"task/loss={loss}", f"optim={optim}"])
         assert (cfg.task.name, cfg.task.loss.name, cfg.optim.name) == (task, loss, optim)
         assert cfg.task.model.arch == "resnet50" and cfg.task.model.embedding_dim == 512
         assert cfg.optim.weight_decay == 1e-4 and cfg.trainer.max_epochs == 60
-        # decoupled weight decay in both columns: AdamW for Adam, as the recipe
-        assert cfg.optim._target_ == {"adam": "torch.optim.AdamW", "adamp": "projbench.optim.AdamP"}[optim]
+        # decoupled weight decay in both columns: AdamW for the page's Adam, as the recipe
+        assert cfg.optim._target_ == {"adamw": "torch.optim.AdamW", "adamp": "projbench.optim.AdamP"}[optim]
     assert cfg.optim.lr == 6e-4 and make_cfg(["task=cub"]).optim.lr == 1e-4
