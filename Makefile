@@ -53,7 +53,7 @@ beyond: $(STAMP)
 	$(BIN)/python -m projbench.tables --runs $(BEYOND_RUNS) --table beyond --format md latex csv --out results
 
 bench: $(STAMP)
-	$(BIN)/python scripts/bench_optim.py --out results/bench_optim.md
+	$(BIN)/python scripts/bench_optim.py --rounds 30 --out results/bench_optim.md
 
 # Wheels that scripts/device_checks.sh installs on a GPU machine whose image lacks them (pure
 # Python: they install under any Python 3 there). Versions: those of this venv.

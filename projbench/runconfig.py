@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 OBSERVE_KEYS = (
     "paths.*", "logger.*",
     "trainer.log_every", "trainer.eval_every", "trainer.ckpt_every", "trainer.diagnostics_every",
-    "trainer.progress", "trainer.device", "trainer.compile", "optim.compiled",
+    "trainer.progress", "trainer.device", "trainer.compile", "optim.fused",
     "task.data.root", "task.data.fixture_root", "task.data.cache_dir", "task.data.num_workers",
 )
 LENGTH_KEYS = ("trainer.max_steps", "trainer.max_epochs")

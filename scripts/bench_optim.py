@@ -1,35 +1,40 @@
-"""Time one optimizer `step()` on torchvision ResNet parameters: ours vs official adamp vs timm vs torch.
+"""Time one optimizer `step()` on torchvision ResNet parameters: ours vs official adamp vs timm vs
+torch's own steps (foreach, fused, compiled).
 
     .venv/bin/python scripts/bench_optim.py --device cpu --out results/bench_optim.md
 
-Every optimizer gets its own copy of the model's parameters and the same fixed random gradients
-(normal, scale 1e-3). All optimizers run in one process, interleaved round-robin: each round does
-one step of every optimizer (the starting optimizer rotates from round to round), after a few
-warmup rounds; the reported time is the median over rounds. On CUDA, `torch.cuda.synchronize()`
-brackets every timed step.
+Every optimizer gets its own copy of the model's parameters; all share the same fixed random
+gradients (normal, scale 1e-3; no optimizer here writes into its gradients). All optimizers run in
+one process, interleaved round-robin: each round does one step of every optimizer (the starting
+optimizer rotates from round to round), after a few warmup rounds; the reported time is the median
+over rounds. On CUDA, `torch.cuda.synchronize()` brackets every timed step. The first step of
+each optimizer is reported apart: it includes one-time costs (torch.compile's compilation, our
+kernel's build or load).
 
 Two kinds of gradient (`--grads`, both by default, one table each):
 * `random`: as drawn; the projection test mostly fails, so the official code skips the projection
   arithmetic (its cheapest case).
-* `invariant`: each conv weight's gradient has its component along each filter removed, as in a
-  real ResNet (every conv is followed by BatchNorm, so its gradient is orthogonal to each filter):
-  SGDP/AdamP take the projection branch for every conv weight, as they do in training.
-Ours does the same work in both cases (the decision is a tensor, both branches are computed).
+* `invariant`: before every step (untimed), each conv weight's gradient has its component along
+  each filter of the current weight removed, as in a real ResNet (every conv is followed by
+  BatchNorm, so its gradient is orthogonal to each filter): SGDP/AdamP take the projection branch
+  for every conv weight at every step, as they do in training. Each optimizer has its own copy.
 
 Timings are wall-clock by default. On a shared machine other processes inflate and scatter them
 (the p25-p75 column shows how much; the load average before and after is recorded);
 `--clock cpu` times the process's CPU time instead (all its threads: steadier under load, but it
 counts the threads' spin-waiting too, so compare it only with itself).
 
-`--rev REV` (repeatable) adds our eager SGDP and AdamP as they were at git revision REV (read
-with `git archive` into a temporary package), in the same process, interleaved with the rest: the
-side-by-side way to tell whether a change to projbench/optim made the step faster.
+`--rev REV` (repeatable) adds our SGDP and AdamP as they were at git revision REV, with that
+revision's defaults (read with `git archive` into a temporary package), in the same process,
+interleaved with the rest: the side-by-side way to tell whether a change to projbench/optim made
+the step faster.
 
 Families and their baselines: the SGD family (momentum 0.9, no Nesterov, weight decay 1e-4) is
-compared with torch.optim.SGD(foreach=True); the Adam family (lr 1e-3, betas (0.9, 0.999),
-weight decay 1e-2, decoupled) with torch.optim.AdamW(foreach=True), and also with the fused
-versions on CUDA; the Lion family (timm's Lion, lr 1e-4, decoupled weight decay 1e-1) with timm's
-Lion(foreach=True).
+compared with torch.optim.SGD, the Adam family (lr 1e-3, betas (0.9, 0.999), weight decay 1e-2,
+decoupled) with torch.optim.AdamW, each as torch runs it: foreach (torch's default), fused
+(`fused=True`: one multi-tensor kernel) and compiled (`torch.compile` of `step()`, as in torch's
+"Compiling the optimizer" recipe). The fused step is the floor: ratios are given against it. The
+Lion family (timm's Lion, lr 1e-4, decoupled weight decay 1e-1) has timm's Lion(foreach=True).
 
 Each family also times the projection wrapper, projbench.optim.Projected, around its foreach
 baseline's optimizer: around SGD it is SGDP in the paper's Algorithm 1 form (its decay 1e-3 =
@@ -86,7 +91,7 @@ class Entry:
     name: str
     family: str  # "SGD", "Adam" or "Lion"
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
-    role: str = ""  # "baseline", "fused", "official", "ours", "ours compiled", "wrapper" or ""
+    role: str = ""  # "foreach", "fused", "compiled", "official", "ours eager", "ours fused", "wrapper", ...
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,9 +122,17 @@ def load_revision(rev: str) -> tuple[str, ModuleType]:
     return sha, importlib.import_module(f"{name}.optim")
 
 
+def compiled_step(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """`opt` with its step() replaced by a torch.compile'd one (torch's recipe for a compiled
+    optimizer step; the first call compiles)."""
+    opt.step = torch.compile(opt.step, fullgraph=False)
+    return opt
+
+
 def entries(device: str, revisions: tuple[tuple[str, ModuleType], ...] = ()) -> list[Entry]:
-    """Per family: torch's foreach baseline (and fused on CUDA), the official, timm's and ours
-    (and ours at each `--rev`)."""
+    """Per family: torch's foreach, fused and compiled steps, the official, timm's and ours
+    (eager and fused; and ours at each `--rev`), the wrapper around the family's foreach
+    optimizer; the Lion family: timm's Lion and the wrapper around it."""
     families = [
         ("SGD", torch.optim.SGD, "SGDP", adamp.SGDP, timm.optim.SGDP, ours.SGDP, SGD_KW),
         ("Adam", torch.optim.AdamW, "AdamP", adamp.AdamP, timm.optim.AdamP, ours.AdamP, ADAM_KW),
@@ -127,23 +140,24 @@ def entries(device: str, revisions: tuple[tuple[str, ModuleType], ...] = ()) -> 
     out = []
     for family, base, name, official, timm_cls, our_cls, kw in families:
         torch_name = base.__name__
-        out.append(Entry(f"torch {torch_name} foreach", family,
-                         lambda p, base=base, kw=kw: base(p, foreach=True, **kw), "baseline"))
-        if device == "cuda":
-            out.append(Entry(f"torch {torch_name} fused", family,
-                             lambda p, base=base, kw=kw: base(p, fused=True, **kw), "fused"))
         out += [
+            Entry(f"torch {torch_name} foreach", family, lambda p, base=base, kw=kw: base(p, foreach=True, **kw),
+                  "foreach"),
+            Entry(f"torch {torch_name} fused", family, lambda p, base=base, kw=kw: base(p, fused=True, **kw), "fused"),
+            Entry(f"torch {torch_name} compiled", family,
+                  lambda p, base=base, kw=kw: compiled_step(base(p, foreach=True, **kw)), "compiled"),
             Entry(f"adamp.{name} 0.3.0 (official)", family, lambda p, c=official, kw=kw: c(p, **kw), "official"),
             Entry(f"timm.optim.{name} {timm.__version__}", family, lambda p, c=timm_cls, kw=kw: c(p, **kw)),
-            Entry(f"projbench {name} (ours)", family, lambda p, c=our_cls, kw=kw: c(p, **kw), "ours"),
-            Entry(f"projbench {name} compiled=True (ours)", family,
-                  lambda p, c=our_cls, kw=kw: c(p, compiled=True, **kw), "ours compiled"),
+            Entry(f"projbench {name} fused=False (ours, eager)", family,
+                  lambda p, c=our_cls, kw=kw: c(p, fused=False, **kw), "ours eager"),
+            Entry(f"projbench {name} fused=True (ours, the default)", family,
+                  lambda p, c=our_cls, kw=kw: c(p, fused=True, **kw), "ours fused"),
         ]
         out += [Entry(f"projbench {name} at {sha}", family, lambda p, c=getattr(mod, name), kw=kw: c(p, **kw),
                       f"rev {sha}") for sha, mod in revisions]
         out.append(wrapper_entry(family))
     out.append(Entry(f"timm Lion {timm.__version__} foreach", "Lion",
-                     lambda p: timm.optim.Lion(p, foreach=True, **LION_KW), "baseline"))
+                     lambda p: timm.optim.Lion(p, foreach=True, **LION_KW), "foreach"))
     out.append(wrapper_entry("Lion"))
     return out
 
@@ -155,15 +169,19 @@ def wrapper_entry(family: str) -> Entry:
                  lambda p: ours.Projected(p, inner=inner, foreach=True, **kw), "wrapper")
 
 
-def make_grads(model: torch.nn.Module, mode: str, generator: torch.Generator) -> list[torch.Tensor]:
-    grads = []
-    for p in model.parameters():
-        g = torch.randn(p.shape, generator=generator, dtype=p.dtype) * 1e-3
-        if mode == "invariant" and p.dim() == 4:
-            w, rows = p.detach().cpu().reshape(p.size(0), -1), g.reshape(p.size(0), -1)
+def make_grads(model: torch.nn.Module, generator: torch.Generator) -> list[torch.Tensor]:
+    return [(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 1e-3).to(p.device)
+            for p in model.parameters()]
+
+
+@torch.no_grad()
+def project_off_filters_(params: list[torch.Tensor]) -> None:
+    """Remove from each conv weight's gradient its component along each filter (in place), as
+    BatchNorm after the conv does in a real ResNet."""
+    for p in params:
+        if p.dim() == 4:
+            w, rows = p.reshape(p.size(0), -1), p.grad.view(p.size(0), -1)
             rows -= w * ((rows * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True))
-        grads.append(g.to(p.device))
-    return grads
 
 
 def sync(device: str) -> None:
@@ -171,62 +189,96 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@dataclass
+class Timings:
+    steps: dict[str, list[float]]  # ms per timed step, per entry name
+    first: dict[str, float]  # ms of each entry's first step (one-time costs included)
+    failed: dict[str, str]  # entries whose construction or first step raised: the error
+
+
 def bench_model(arch: str, device: str, rounds: int, warmup: int, grads_mode: str,
                 clock: Callable[[], float] = time.perf_counter,
-                revisions: tuple[tuple[str, ModuleType], ...] = ()) -> dict[str, list[float]]:
+                revisions: tuple[tuple[str, ModuleType], ...] = ()) -> Timings:
+    """Time every entry; an entry that fails to build or to take its first step is reported
+    as failed (e.g. a kernel that does not compile on this device) and the others go on."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)().to(device)
-    grads = make_grads(model, grads_mode, torch.Generator().manual_seed(1))
+    grads = make_grads(model, torch.Generator().manual_seed(1))
+    invariant = grads_mode == "invariant"
+    timings = Timings({}, {}, {})
     optimizers = []
     for entry in entries(device, revisions):
         params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
         for p, g in zip(params, grads):
-            p.grad = g.clone()
-        optimizers.append((entry, entry.make(params)))
+            p.grad = g.clone() if invariant else g  # random: shared, no optimizer writes into its gradients
+        try:
+            optimizers.append((entry, entry.make(params), params))
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            timings.failed[entry.name] = f"{type(exc).__name__}: {exc}"
     del model
-    times: dict[str, list[float]] = {e.name: [] for e, _ in optimizers}
+    timings.steps = {e.name: [] for e, _, _ in optimizers}
     for r in range(warmup + rounds):
         shift = r % len(optimizers)
-        for entry, opt in optimizers[shift:] + optimizers[:shift]:
+        for entry, opt, params in optimizers[shift:] + optimizers[:shift]:
+            if entry.name in timings.failed:
+                continue
+            if invariant:
+                project_off_filters_(params)
             sync(device)
             t0 = clock()
-            opt.step()
-            sync(device)
-            if r >= warmup:
-                times[entry.name].append((clock() - t0) * 1e3)
-    return times
+            try:
+                opt.step()
+                sync(device)
+            except Exception as exc:  # noqa: BLE001 - reported in the table
+                if r:
+                    raise
+                timings.failed[entry.name] = f"{type(exc).__name__}: {exc}"
+                continue
+            ms = (clock() - t0) * 1e3
+            if r == 0:
+                timings.first[entry.name] = ms
+            elif r >= warmup:
+                timings.steps[entry.name].append(ms)
+    return timings
 
 
-def table(times: dict[str, list[float]], device: str,
+def table(timings: Timings, device: str,
           revisions: tuple[tuple[str, ModuleType], ...] = ()) -> tuple[list[str], list[str]]:
     """Markdown table rows and summary lines for one model."""
     es = entries(device, revisions)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    med = {name: statistics.median(ts) for name, ts in timings.steps.items() if name not in timings.failed}
     by_role = {(e.family, e.role): e.name for e in es if e.role}
-    cuda = device == "cuda"
-    head = "| optimizer | median ms | p25-p75 ms | vs foreach baseline |" + (" vs torch fused |" if cuda else "")
+
+    def ratio(a: str | None, b: str | None) -> str:
+        return f"{med[a] / med[b]:.2f}x" if a in med and b in med else "n/a"
+
+    head = "| optimizer | median ms | p25-p75 ms | vs torch fused | vs torch foreach | first step ms |"
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for e in es:
-        q = statistics.quantiles(times[e.name], n=4, method="inclusive")
-        row = (f"| {e.name} | {med[e.name]:.1f} | {q[0]:.1f}-{q[2]:.1f} "
-               f"| {med[e.name] / med[by_role[(e.family, 'baseline')]]:.2f}x |")
-        if cuda:
-            fused = by_role.get((e.family, "fused"))
-            row += f" {med[e.name] / med[fused]:.2f}x |" if fused else " – |"
-        rows.append(row)
+        if e.name not in med:
+            error = timings.failed.get(e.name, "no timing").splitlines()[0][:120].replace("|", "/")
+            rows.append(f"| {e.name} | failed: {error} | | | | |")
+            continue
+        q = statistics.quantiles(timings.steps[e.name], n=4, method="inclusive")
+        rows.append(f"| {e.name} | {med[e.name]:.1f} | {q[0]:.1f}-{q[2]:.1f} "
+                    f"| {ratio(e.name, by_role.get((e.family, 'fused')))} "
+                    f"| {ratio(e.name, by_role[(e.family, 'foreach')])} | {timings.first[e.name]:.0f} |")
     summary = []
     for family in ("SGD", "Adam"):
-        official = med[by_role[(family, "official")]]
-        for role in ("ours", "ours compiled"):
-            summary.append(f"{family} family: official / {role} = {official / med[by_role[(family, role)]]:.2f}x")
-        wrapper = med[by_role[(family, "wrapper")]]
-        summary.append(f"{family} family: wrapper / ours = {wrapper / med[by_role[(family, 'ours')]]:.2f}x, "
-                       f"official / wrapper = {official / wrapper:.2f}x")
+        fused, official = by_role[(family, "fused")], by_role[(family, "official")]
+        for role in ("ours fused", "ours eager"):
+            ours_name = by_role[(family, role)]
+            summary.append(f"{family} family: {role} / torch fused = {ratio(ours_name, fused)}; "
+                           f"official / {role} = {ratio(official, ours_name)}")
+        wrapper = by_role[(family, "wrapper")]
+        summary.append(f"{family} family: wrapper / ours fused = {ratio(wrapper, by_role[(family, 'ours fused')])}, "
+                       f"wrapper / ours eager = {ratio(wrapper, by_role[(family, 'ours eager')])}, "
+                       f"official / wrapper = {ratio(official, wrapper)}")
         for sha, _ in revisions:
-            ratio = med[by_role[(family, f"rev {sha}")]] / med[by_role[(family, "ours")]]
-            summary.append(f"{family} family: ours at {sha} / ours now = {ratio:.2f}x")
-    lion = med[by_role[("Lion", "wrapper")]] / med[by_role[("Lion", "baseline")]]
-    summary.append(f"Lion family: wrapper / timm Lion foreach = {lion:.2f}x")
+            summary.append(f"{family} family: ours at {sha} / ours fused now = "
+                           f"{ratio(by_role[(family, f'rev {sha}')], by_role[(family, 'ours fused')])}")
+    summary.append(f"Lion family: wrapper / timm Lion foreach = "
+                   f"{ratio(by_role[('Lion', 'wrapper')], by_role[('Lion', 'foreach')])}")
     return rows, summary
 
 
@@ -242,6 +294,71 @@ def cpu_model() -> str:
 
 def load() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1 / 5 / 15 min)"
+
+
+def process_cpu_times() -> dict[int, tuple[float, int, str]]:
+    """CPU seconds used so far by every process (Linux /proc; empty elsewhere), with its parent's
+    id and its command line (paths cut to their last part)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        out[int(stat.parent.name)] = ((int(fields[11]) + int(fields[12])) / tick, int(fields[1]),
+                                      re.sub(r"\S*/", "", cmd).strip()[:60])
+    return out
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux /proc/stat), None elsewhere."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its waited-for children (torch.compile's workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@dataclass
+class Others:
+    """What else ran during the benchmark: the machine's busy CPU time minus this process's."""
+
+    busy: float | None
+    own: float
+    processes: dict[int, tuple[float, int, str]]
+    start: float
+
+    @classmethod
+    def now(cls) -> Others:
+        return cls(busy_cpu_seconds(), own_cpu_seconds(), process_cpu_times(), time.monotonic())
+
+    def report(self, top: int = 4) -> str:
+        seconds = time.monotonic() - self.start
+        busy = busy_cpu_seconds()
+        if busy is None or self.busy is None:
+            return "what else ran: unknown (no /proc)"
+        others = (busy - self.busy) - (own_cpu_seconds() - self.own)
+        after = process_cpu_times()
+        ours = {os.getpid()}
+        while True:  # this process and its descendants
+            more = {pid for pid, (_, ppid, _) in after.items() if ppid in ours} - ours
+            if not more:
+                break
+            ours |= more
+        used = sorted(((cpu - self.processes.get(pid, (0.0,))[0], cmd) for pid, (cpu, _, cmd) in after.items()
+                       if pid not in ours), reverse=True)
+        busiest = "; ".join(f"`{cmd or '?'}` {u / seconds:.2f}" for u, cmd in used[:top] if u > 0.01 * seconds)
+        return (f"other processes kept {max(others, 0.0) / seconds:.2f} of the {os.cpu_count()} cores busy on "
+                f"average over the {seconds:.0f} s (busiest still running at the end, cores: {busiest or 'none'})")
 
 
 def main() -> None:
@@ -261,6 +378,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the report gives quartiles)")
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1 (the first step is reported apart)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
     if args.clock == "cpu" and args.device == "cuda":
@@ -289,15 +408,16 @@ def main() -> None:
     print("\n".join(machine), flush=True)
 
     report = ["# Optimizer step time", "", *machine, ""]
+    others = Others.now()
     for arch in args.models.split(","):
         n_params = sum(p.numel() for p in getattr(torchvision.models, arch)().parameters())
         for mode in grad_modes:
-            times = bench_model(arch, args.device, args.rounds, args.warmup, mode, clock, revisions)
-            rows, summary = table(times, args.device, revisions)
+            timings = bench_model(arch, args.device, args.rounds, args.warmup, mode, clock, revisions)
+            rows, summary = table(timings, args.device, revisions)
             title = f"## {arch} ({n_params / 1e6:.1f}M parameters), {mode} gradients: ms per step()"
             print("\n" + title, *rows, *summary, sep="\n", flush=True)
             report += [title, "", *rows, "", *[f"- {s}" for s in summary], ""]
-    report.append(f"Load average after: {load()}")
+    report.append(f"Load average after: {load()}. During the run {others.report()}.")
     print(report[-1])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

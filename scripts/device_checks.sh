@@ -37,7 +37,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 }
 step test_optim 180 "$py" -m pytest -q -p no:cacheprovider tests/test_optim.py
 step test_detectors 180 "$py" -m pytest -q -p no:cacheprovider -k cuda tests/test_centernet.py tests/test_ssd.py
-step bench_optim 240 "$py" scripts/bench_optim.py --device cuda --rounds 50 --out "$out/bench_optim_cuda.md"
+# ResNet-50 with filter-orthogonal gradients (as in training); torch.compile'd steps compile first
+step bench_optim 240 "$py" scripts/bench_optim.py --device cuda --models resnet50 --grads invariant --rounds 50 \
+    --out "$out/bench_optim_cuda.md"
 step bench_train 240 "$py" scripts/bench_train.py --device cuda --model resnet50 --batch-size 256 \
     --precision bf16 --channels-last --steps 50 --rounds 3 --out "$out/bench_train_cuda.md"
 # Table 4a's cost: WRN-34-10 PGD-10 adversarial training steps/s -> device-hours a run (README, Table 4a)

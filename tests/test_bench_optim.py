@@ -49,3 +49,23 @@ def test_revision_loads_beside_the_working_tree(bench):
 def test_unknown_revision_is_one_clear_line(bench):
     with pytest.raises(SystemExit, match="--rev no-such-rev: cannot read it from git"):
         bench.load_revision("no-such-rev")
+
+
+def test_table_gives_ratios_to_torch_fused_and_names_failures(bench):
+    """Ratios are against torch's fused step of the same family; an entry that failed is a row
+    saying why, and the ratios that need it read n/a."""
+    names = [e.name for e in bench.entries("cpu")]
+    steps = {name: [10.0, 10.0] for name in names}
+    steps["torch SGD fused"] = [4.0, 4.0]
+    steps["projbench SGDP fused=True (ours, the default)"] = [6.0, 6.0]
+    failed = {"projbench AdamP fused=True (ours, the default)": "RuntimeError: no kernel | here\nmore"}
+    for name in failed:
+        del steps[name]
+    timings = bench.Timings(steps, {name: 1.0 for name in steps}, failed)
+    rows, summary = bench.table(timings, "cpu")
+    row = {r.split(" | ")[0].lstrip("| "): r for r in rows[2:]}
+    assert row["projbench SGDP fused=True (ours, the default)"].startswith(
+        "| projbench SGDP fused=True (ours, the default) | 6.0 | 6.0-6.0 | 1.50x | 0.60x | 1 |")
+    assert "failed: RuntimeError: no kernel / here |" in row["projbench AdamP fused=True (ours, the default)"]
+    assert "SGD family: ours fused / torch fused = 1.50x; official / ours fused = 1.67x" in summary
+    assert "Adam family: ours fused / torch fused = n/a; official / ours fused = n/a" in summary

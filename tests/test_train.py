@@ -216,7 +216,7 @@ def test_no_decay_bias_norm_groups():
 # precision gave NaN on one CI machine and not on another (cf. pytorch/pytorch#147303), which is a
 # PyTorch CPU matter, not the loop's. Reduced precision is tested in the default layout.
 @pytest.mark.parametrize("switches", [
-    ["trainer.channels_last=true", "trainer.grad_clip=1.0", "optim=adamp", "optim.compiled=true"],
+    ["trainer.channels_last=true", "trainer.grad_clip=1.0", "optim=adamp", "optim.fused=false"],
     # Reduced precision on a CPU without native bf16/fp16 kernels is slow (seconds a step at batch
     # 64 on AVX2), hence the small batch. 32x32 images: at FAST's 16x16 the last stage's convolutions
     # see 1x1 maps, where torch's CPU bf16 conv weight gradient is not deterministic (seen here: the

@@ -1,7 +1,7 @@
-"""What SGDP and AdamP share: gathering a group's parameters, the cached projector, the
-projection decision and decay factors, the eager step, the dispatch to the compiled step
-(`compiled=True`, compiled.py) and the record of which weights were projected at the last step
-(for diagnostics, kept as tensors)."""
+"""What SGDP and AdamP share: gathering a group's parameters, the choice between the multi-tensor
+step (`fused`, multi_tensor.py) and the eager one, the cached projector, the projection decision
+and decay factors of the eager step, and the record of which weights were projected at the last
+step (for diagnostics, kept as tensors)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from projbench.optim import compiled as fused_kernels
+from projbench.optim import multi_tensor
 from projbench.optim.projection import Projector, _compute_dtype
 
 # Devices whose foreach ops are a loop over the tensors (no multi-tensor kernel). There one
@@ -46,16 +46,22 @@ class ProjectionRecord:
 
 
 class ProjectedOptimizer(Optimizer):
-    """Base class: subclasses implement `_update(group, params, grads, projector)`."""
+    """Base class. Subclasses implement the eager step `_update(group, params, grads, index)` and,
+    for the multi-tensor step, name their state buffers (`state_names`) and give the kernel's
+    hyperparameters (`_hyper`) and per-parameter step factors (`_step_factors`)."""
+
+    state_names: tuple[str, ...]
 
     def __init__(self, params, defaults: dict):
         super().__init__(params, defaults)
         self._projectors: dict[int, Projector] = {}
+        self._plans: dict[int, multi_tensor.Plan] = {}
         self.last_projection: list[ProjectionRecord] = []
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._projectors = {}
+        self._plans = {}
         self.last_projection = []
 
     def load_state_dict(self, state_dict):
@@ -86,26 +92,58 @@ class ProjectedOptimizer(Optimizer):
             params = params_with_grad(group, type(self).__name__)
             if not params:
                 continue
-            multi = [p for p in params if p.dim() > 1]
-            if group.get("compiled") and multi and self._fusable(multi):
-                # compiled kernels step the weights; 1-D parameters take the eager path
-                self._fused_update(group, multi, [p.grad for p in multi], index)
-                params = [p for p in params if p.dim() <= 1]
-                if not params:
-                    continue
-            self._update(group, params, [p.grad for p in params], index)
+            plan = self._fused_plan(group, params, index)
+            if plan is not None:
+                self._fused_step(group, plan, index)
+            else:
+                self._update(group, params, [p.grad for p in params], index)
         return loss
 
-    def _fusable(self, weights: list[Tensor]) -> bool:
-        """Whether every weight and state buffer has a zero-copy row view (contiguous or
-        channels_last-like layouts): the compiled kernels write through those views."""
-        return all(fused_kernels.alias_rows(p, p) is not None
-                   and all(fused_kernels.alias_rows(s, p) is not None
-                           for s in self.state[p].values() if torch.is_tensor(s) and s.dim() > 0)
-                   for p in weights)
+    def _fused_plan(self, group: dict, params: list[Tensor], index: int) -> multi_tensor.Plan | None:
+        """The multi-tensor plan of this group, or None when it steps eagerly: `fused` False, or
+        None (the default) off multi_tensor.FUSED_BY_DEFAULT or where the kernel is unavailable,
+        or a parameter that does not qualify (multi_tensor.fusable). `fused=True` where the
+        kernel is unavailable is an error."""
+        choice = group.get("fused")
+        device = params[0].device
+        if choice is False or (choice is None and device.type not in multi_tensor.FUSED_BY_DEFAULT):
+            return None
+        if any(p.device != device for p in params):
+            reason = "parameters on several devices"
+        else:
+            reason = multi_tensor.available(device)
+        if reason is not None:
+            if choice:
+                raise RuntimeError(f"{type(self).__name__}(fused=True): {reason}")
+            multi_tensor.warn_unavailable(reason)
+            return None
+        plan = self._plans.get(index)
+        if plan is None or plan.key != multi_tensor.plan_key(params):
+            plan = self._plans[index] = multi_tensor.plan_for(params)
+        return plan if plan.fusable else None
 
-    def _fused_update(self, group: dict, weights: list[Tensor], grads: list[Tensor], index: int) -> None:
-        """The compiled step of a group's multi-dimensional weights (compiled.py)."""
+    def _fused_step(self, group: dict, plan: multi_tensor.Plan, index: int) -> None:
+        """The multi-tensor step of one group (multi_tensor.py)."""
+        hyper = self._hyper(group)
+        weights = plan.params[: plan.n_multi]
+
+        def decide(stats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            projector, coef, decay, projected = self._decide(group, index, weights, row_stats=stats,
+                                                             decay_divisor=hyper["decay_divisor"])
+            return coef, decay, projected, projector.layout.row_param
+
+        factors = self._step_factors(group, plan.params)
+        projected = multi_tensor.step(plan, hyper, self.state, self.state_names, factors, decide)
+        if plan.n_multi:
+            self.last_projection.append(ProjectionRecord(weights, projected, plan.numel))
+
+    def _hyper(self, group: dict) -> dict:
+        """The multi-tensor kernels' hyperparameters (the fields of cpu_kernel.Hyper but threads)."""
+        raise NotImplementedError
+
+    def _step_factors(self, group: dict, params: list[Tensor]) -> list[tuple[float, float]]:
+        """Per parameter (in `params` order): the step size and Adam's k (multi_tensor.cpu_step);
+        advances step counters where the optimizer keeps them."""
         raise NotImplementedError
 
     def _projector(self, index: int, group: dict, weights: list[Tensor]) -> Projector:
@@ -116,16 +154,16 @@ class ProjectedOptimizer(Optimizer):
         """A state buffer shaped and laid out like `p`; float32 for float16/bfloat16 weights."""
         state = self.state[p]
         if name not in state:
-            state[name] = torch.zeros_like(p, dtype=_compute_dtype(p), memory_format=torch.preserve_format)
+            state[name] = multi_tensor.zeros_state(p)
         return state[name]
 
     def _decide(self, group: dict, index: int, weights: list[Tensor], row_stats: Tensor | None = None,
                 grads: list[Tensor] | None = None, updates: list[Tensor] | None = None,
-                decay_divisor: float = 1.0) -> tuple[Projector, Tensor, Tensor]:
-        """The projector, per-row projection coefficients `c` and per-row decay factors
-        `1 - lr * wd * ratio / decay_divisor` of `weights`, recorded in `last_projection`.
+                decay_divisor: float = 1.0) -> tuple[Projector, Tensor, Tensor, Tensor]:
+        """The projector, per-row projection coefficients `c`, per-row decay factors
+        `1 - lr * wd * ratio / decay_divisor` and the projected mask of `weights`.
 
-        The row statistics come from `row_stats` (the compiled kernels' (4, rows) g.w, ||g||^2,
+        The row statistics come from `row_stats` (the Triton kernels' (4, rows) g.w, ||g||^2,
         ||w||^2, w.u) or are computed here from `grads` and `updates`.
         """
         lr, wd = group["lr"], group["weight_decay"]
@@ -135,9 +173,8 @@ class ProjectedOptimizer(Optimizer):
             coef, projected = projector.decide(gw, gg.sqrt(), ww.sqrt(), wu)
         else:
             coef, projected = projector.coefficients(weights, grads, updates)
-        self.last_projection.append(ProjectionRecord(weights, projected, projector.layout.numel))
         decay = decay_factors(projector, coef, projected, lr, wd, group["wd_ratio"], decay_divisor)
-        return projector, coef, decay
+        return projector, coef, decay, projected
 
     def _apply(
         self,
@@ -161,9 +198,10 @@ class ProjectedOptimizer(Optimizer):
         multi = [i for i, p in enumerate(params) if p.dim() > 1]
         if multi:
             weights = [params[i] for i in multi]
-            projector, coef, decay = self._decide(group, index, weights, grads=[grads[i] for i in multi],
-                                                  updates=[updates[i] for i in multi],
-                                                  decay_divisor=decay_divisor)
+            projector, coef, decay, projected = self._decide(group, index, weights, grads=[grads[i] for i in multi],
+                                                             updates=[updates[i] for i in multi],
+                                                             decay_divisor=decay_divisor)
+            self.last_projection.append(ProjectionRecord(weights, projected, projector.layout.numel))
             for k, i in enumerate(multi):
                 c = projector.broadcast(coef, k, params[i])
                 d = projector.broadcast(decay, k, params[i])

@@ -6,19 +6,19 @@ import math
 
 import torch
 
-from projbench.optim import compiled as K
 from projbench.optim._base import ProjectedOptimizer, per_tensor, uniform
+from projbench.optim.multi_tensor import adam_factors
 
 
 class AdamP(ProjectedOptimizer):
     """Drop-in for `adamp.AdamP` 0.3.0: same arguments, same defaults, same numbers.
 
     Weight decay is decoupled (`w *= 1 - lr * wd * ratio`), as in the official code. See `SGDP`
-    for what differs in how it runs and for `compiled`.
+    for what differs in how it runs and for `fused`.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 delta=0.1, wd_ratio=0.1, nesterov=False, *, compiled=False):
+                 delta=0.1, wd_ratio=0.1, nesterov=False, *, fused=None):
         if lr <= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -26,7 +26,7 @@ class AdamP(ProjectedOptimizer):
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        delta=delta, wd_ratio=wd_ratio, nesterov=nesterov, compiled=compiled)
+                        delta=delta, wd_ratio=wd_ratio, nesterov=nesterov, fused=fused)
         super().__init__(params, defaults)
 
     def _update(self, group, params, grads, index):
@@ -65,26 +65,21 @@ class AdamP(ProjectedOptimizer):
         self._apply(group, index, params, grads, perturb, step_sizes,
                     decay_divisor=1.0, project_updates_in_place=False)
 
-    def _fused_update(self, group, weights, grads, index):
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def _hyper(self, group):
         beta1, beta2 = group["betas"]
-        eps, nesterov = group["eps"], group["nesterov"]
-        ms = [K.alias_rows(self._state(p, "exp_avg"), p) for p in weights]
-        vs = [K.alias_rows(self._state(p, "exp_avg_sq"), p) for p in weights]
-        ws = [K.alias_rows(p, p) for p in weights]
-        gs = [K.read_rows(g, p) for g, p in zip(grads, weights)]
-        steps = []
-        for p in weights:
-            self.state[p]["step"] = self.state[p].get("step", 0) + 1
-            steps.append(self.state[p]["step"])
-        projector = self._projector(index, group, weights)
-        rows, like = projector.layout.row_slices, projector.layout.stats[0]
-        k = K.per_row(like, rows, [1 / math.sqrt(1 - beta2**s) for s in steps])
-        rows_kernel = K.kernel("adam_rows")
-        stats = torch.cat([rows_kernel(g, w, m, v, K.column(k, sl), beta1, beta2, eps, nesterov)
-                           for g, w, m, v, sl in zip(gs, ws, ms, vs, rows)], 1)
-        _, coef, decay = self._decide(group, index, weights, row_stats=stats)
-        step_size = K.per_row(coef, rows, [group["lr"] / (1 - beta1**s) for s in steps])
-        a, b = decay + step_size * coef, -step_size
-        step = K.kernel("adam_step")
-        for w, g, m, v, sl in zip(ws, gs, ms, vs, rows):
-            step(w, g, m, v, K.column(k, sl), K.column(a, sl), K.column(b, sl), beta1, eps, nesterov)
+        return dict(lr=group["lr"], momentum=0.0, dampening=0.0, weight_decay=group["weight_decay"],
+                    wd_ratio=group["wd_ratio"], decay_divisor=1.0, delta=group["delta"], eps=group["eps"],
+                    beta1=beta1, beta2=beta2, adam=True, nesterov=group["nesterov"], project_buffer=False)
+
+    def _step_factors(self, group, params):
+        beta1, beta2 = group["betas"]
+        factors, cache = [], {}
+        for p in params:
+            state = self.state[p]
+            step = state["step"] = state.get("step", 0) + 1
+            if step not in cache:
+                cache[step] = adam_factors(group["lr"], beta1, beta2, step)
+            factors.append(cache[step])
+        return factors

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch.optim.optimizer import required
 
-from projbench.optim import compiled as K
 from projbench.optim._base import ProjectedOptimizer, per_tensor
 
 
@@ -23,16 +22,19 @@ class SGDP(ProjectedOptimizer):
     Differences from the official code are only in how it runs: channels_last and other
     non-contiguous weights work, float16/bfloat16 weights are projected in float32 with float32
     state, the projection decision stays on the device (no host sync), and the per-element work
-    uses foreach kernels across all parameters of a group (on the CPU, where foreach is a loop
-    anyway, per-tensor ops that do two foreach passes' work in one).
+    is done for all parameters of a group at once.
 
-    `compiled=True` (not in the official code) does each weight's row statistics and its step in
-    one fused torch.compile kernel each (projbench/optim/compiled.py): the first step compiles,
-    later steps make fewer passes over memory (results/bench_optim.md).
+    `fused` (not in the official code, named as torch's): the multi-tensor step, all parameters of
+    a group in one kernel call on the CPU, two Triton launches on CUDA (multi_tensor.py). None (the
+    default): on the CPU where a C++ compiler builds the kernel (once per machine), eager on CUDA
+    until its kernels have run on a GPU (multi_tensor.FUSED_BY_DEFAULT); True: required (an error
+    where unavailable); False: the eager step, PyTorch ops (foreach kernels on CUDA; on the CPU,
+    where foreach is a loop anyway, per-tensor ops that do two foreach passes' work in one). Same
+    numbers either way (results/bench_optim.md for the speed).
     """
 
     def __init__(self, params, lr=required, momentum=0, dampening=0, weight_decay=0,
-                 nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1, *, project_buffer=True, compiled=False):
+                 nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1, *, project_buffer=True, fused=None):
         if lr is not required and lr <= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if momentum < 0.0 or momentum >= 1.0:
@@ -41,7 +43,7 @@ class SGDP(ProjectedOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
-                        project_buffer=project_buffer, compiled=compiled)
+                        project_buffer=project_buffer, fused=fused)
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -58,21 +60,16 @@ class SGDP(ProjectedOptimizer):
         self._apply(group, index, params, grads, updates, [lr] * len(params),
                     decay_divisor=1 - momentum, project_updates_in_place=_projects_buffer(group))
 
-    def _fused_update(self, group, weights, grads, index):
-        momentum, dampening, nesterov, lr = group["momentum"], group["dampening"], group["nesterov"], group["lr"]
-        bufs = [K.alias_rows(self._state(p, "momentum"), p) for p in weights]
-        ws = [K.alias_rows(p, p) for p in weights]
-        gs = [K.read_rows(g, p) for g, p in zip(grads, weights)]
-        rows_kernel = K.kernel("sgd_rows")
-        stats = torch.cat([rows_kernel(g, w, b, momentum, dampening, nesterov) for g, w, b in zip(gs, ws, bufs)], 1)
-        projector, coef, decay = self._decide(group, index, weights, row_stats=stats, decay_divisor=1 - momentum)
-        rows = projector.layout.row_slices
-        neg_lr = coef.new_full(coef.shape, -lr)  # a device fill: lr never becomes a compile-time constant
-        in_place = _projects_buffer(group)
-        a = decay if in_place else decay + lr * coef  # otherwise the projection is folded into a
-        step = K.kernel("sgd_step")
-        for w, g, b, sl in zip(ws, gs, bufs, rows):
-            step(w, g, b, K.column(coef, sl), K.column(a, sl), K.column(neg_lr, sl), momentum, nesterov, in_place)
+    state_names = ("momentum",)
+
+    def _hyper(self, group):
+        return dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                    weight_decay=group["weight_decay"], wd_ratio=group["wd_ratio"],
+                    decay_divisor=1 - group["momentum"], delta=group["delta"], eps=group["eps"], beta1=0.0,
+                    beta2=0.0, adam=False, nesterov=group["nesterov"], project_buffer=_projects_buffer(group))
+
+    def _step_factors(self, group, params):
+        return [(group["lr"], 1.0)] * len(params)
 
 
 def _projects_buffer(group: dict) -> bool:
