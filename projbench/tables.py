@@ -604,6 +604,7 @@ def _fill_comparisons(spec: TableSpec, cells: dict[tuple[str, str], Cell]) -> No
 def _num(x: float | None, decimals: int, sign: bool = False) -> str:
     if x is None:
         return ""
+    x = round(x, decimals) + 0.0  # a value that rounds to zero prints as 0, never as -0
     return f"{x:+.{decimals}f}" if sign else f"{x:.{decimals}f}"
 
 

@@ -397,6 +397,14 @@ def test_latex_and_csv_are_well_formed(sweep):
 T1, T2 = math.tan(0.475 * math.pi), math.sqrt(2 * 0.95**2 / (1 - 0.95**2))  # t_0.975 at 1 and 2 df: 12.706, 4.303
 
 
+def test_numbers_that_round_to_zero_print_without_a_minus_sign():
+    # a toy delta of -1e-9 printed as "-0.00" in results/tables/toy2d.md
+    assert tables._num(-1e-9, 2, sign=True) == "+0.00"
+    assert tables._num(-0.004, 2) == "0.00"
+    assert tables._num(-0.006, 2, sign=True) == "-0.01"
+    assert tables._num(0.5, 1, sign=True) == "+0.5"
+
+
 def test_t_interval_of_a_mean_and_the_quantiles_behind_it():
     assert stats.t_quantile(1) == pytest.approx(T1, rel=1e-9)        # Cauchy: tan(pi (0.975 - 0.5))
     assert stats.t_quantile(2) == pytest.approx(T2, rel=1e-9)        # 2 df: q / sqrt(2 + q^2) = 0.95
