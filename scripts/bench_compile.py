@@ -6,7 +6,8 @@ against loading it from the cache, on ResNet-50's parameters, each case in a fre
 The kernel is compiled once per machine (per kernel version, compiler and CPU) into
 $PROJBENCH_KERNEL_CACHE (default ~/.cache/projbench/kernels) and loaded from there by every later
 process (projbench/optim/cpu_kernel.py). Here the cache is a fresh temporary folder: the first
-process builds, the second loads.
+process builds (SGDP and AdamP share one kernel, so SGDP's first step builds it and AdamP's, in the
+same process, finds it loaded), the second process loads it from the cache.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "PROJBENCH_KERNEL_CACHE": cache,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        for case in ("empty cache (builds)", "cached (loads)"):
+        for case in ("first process, empty cache", "second process, cache filled"):
             result = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True)
             for name, (first, second) in json.loads(result.stdout.splitlines()[-1]).items():
                 print(f"{name}(fused=True), resnet50, {case}: first step {first:.2f} s, second {second * 1e3:.0f} ms")
