@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 from hydra import compose, initialize_config_dir
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,7 +24,7 @@ from projbench.data.audio import (DCASE2017_CLASSES, DCASE_AUDIO_DIRS, DCASE_LAB
                                   ClipDataset, fixture_labels, load_clip, read_dcase, read_weak_labels,
                                   write_dcase_fixture)
 from projbench.distributed import DistInfo
-from projbench.errors import DataError
+from projbench.errors import ConfigError, DataError
 from projbench.models.harmonic_cnn import HarmonicFilterbank
 from projbench.tables import Run, build_table, load_spec
 from projbench.tasks.dcase import DcaseTask
@@ -143,19 +144,30 @@ def test_harmonic_filters_sit_at_h_times_f0_and_learn_f0_and_bandwidth():
 
 
 # -- metrics ----------------------------------------------------------------------------------
-def test_f1_and_aucs_match_a_hand_computation(data_dir):
+def _scored_clips():
+    """Four clips' labels and probabilities: every probability below 0.45 except the tags below."""
     targets = torch.zeros(4, 17)
     for clip, classes in enumerate([(0, 2), (2,), (5, 11), (11,)]):
         targets[clip, list(classes)] = 1
-    probs = torch.rand(4, 17, generator=torch.Generator().manual_seed(0)) * 0.45  # all below the threshold...
-    for clip, classes in enumerate([(0,), (2, 3), (5, 11), (4,)]):  # ...but these tags
+    probs = torch.rand(4, 17, generator=torch.Generator().manual_seed(0)) * 0.45
+    for clip, classes in enumerate([(0,), (2, 3), (5, 11), (4,)]):
         probs[clip, list(classes)] = torch.tensor([0.8, 0.7])[: len(classes)]
-    # TP 1 + 1 + 2 + 0 = 4; FP: class 3 on clip 1, class 4 on clip 3 = 2; FN: class 2 on clip 0, 11 on clip 3 = 2
-    f1 = 2 * 4 / (2 * 4 + 2 + 2)
+    return targets, probs
+
+
+def _evaluate(task, targets, probs):
     logits = torch.log(probs / (1 - probs))
-    task = DcaseTask(dcase_cfg(data_dir).task)
     loader = DataLoader(TensorDataset(logits, targets), batch_size=3)  # two batches: the metrics accumulate
-    got = task.evaluate(nn.Identity(), loader, torch.device("cpu"))
+    return task.evaluate(nn.Identity(), loader, torch.device("cpu"))
+
+
+def test_challenge_f1_and_aucs_match_a_hand_computation(data_dir):
+    targets, probs = _scored_clips()
+    # at 0.5 only the listed tags count. TP 1 + 1 + 2 + 0 = 4; FP: class 3 on clip 1, class 4 on
+    # clip 3 = 2; FN: class 2 on clip 0, 11 on clip 3 = 2
+    f1 = 2 * 4 / (2 * 4 + 2 + 2)
+    task = DcaseTask(dcase_cfg(data_dir, "task.f1.average=micro", "task.f1.threshold=0.5").task)
+    got = _evaluate(task, targets, probs)
     ranked = [0, 2, 5, 11]  # the classes with positive and negative clips; AUCs are undefined elsewhere
     roc = np.mean([roc_auc_score(targets[:, c], probs[:, c]) for c in ranked])
     ap = np.mean([average_precision_score(targets[:, c], probs[:, c]) for c in ranked])
@@ -163,9 +175,34 @@ def test_f1_and_aucs_match_a_hand_computation(data_dir):
     assert got == pytest.approx({"f1": 100 * f1, "roc_auc": 100 * roc, "pr_auc": 100 * ap, "loss": bce}, rel=1e-5)
 
 
+def test_recipe_f1_is_the_harmonic_cnn_codes_samples_f1_at_0_1(data_dir):
+    targets, probs = _scored_clips()
+    task = DcaseTask(dcase_cfg(data_dir).task)
+    assert (task.cfg.f1.average, task.cfg.f1.threshold) == ("samples", 0.1)
+    # by hand at 0.5 (per clip 2TP / (2TP + FP + FN)): 2/3, 2/3, 1, 0 -> mean 7/12
+    at_half = DcaseTask(dcase_cfg(data_dir, "task.f1.threshold=0.5").task)
+    assert _evaluate(at_half, targets, probs)["f1"] == pytest.approx(100 * 7 / 12, rel=1e-6)
+    # the recipe's, against scikit-learn as the Harmonic CNN code calls it (est > 0.1)
+    expected = f1_score(targets.numpy(), (probs.numpy() > 0.1).astype(np.float32), average="samples")
+    got = _evaluate(task, targets, probs)["f1"]
+    assert got == pytest.approx(100 * expected, rel=1e-6) and got < 50  # many tags pass 0.1 here
+    # a clip with no true and no predicted tag scores 0, as scikit-learn's default
+    empty = torch.zeros(1, 17)
+    with warnings.catch_warnings():  # scikit-learn warns that F1 is ill-defined there
+        warnings.simplefilter("ignore")
+        assert f1_score(empty.numpy(), empty.numpy(), average="samples") == 0
+    assert _evaluate(task, empty, torch.full((1, 17), 0.05))["f1"] == 0
+    for bad in ("task.f1.average=macro", "task.f1.threshold=1.5"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            DcaseTask(dcase_cfg(data_dir, bad).task).setup(DistInfo())
+
+
 # -- training ---------------------------------------------------------------------------------
 def test_a_few_dozen_steps_raise_f1_far_above_the_untrained_model(data_dir, tmp_path):
-    cfg = dcase_cfg(data_dir, "optim=adamp", "optim.lr=3e-3", "optim.weight_decay=0", "task.data.batch_size=8",
+    # scored at 0.5 over clips x classes: at the recipe's 0.1 a model trained for 60 steps on 5
+    # classes still tags many clips with extra classes (samples-F1 about 18 where ROC-AUC is 97)
+    cfg = dcase_cfg(data_dir, "task.f1.average=micro", "task.f1.threshold=0.5",
+                    "optim=adamp", "optim.lr=3e-3", "optim.weight_decay=0", "task.data.batch_size=8",
                     "trainer.max_steps=60", "trainer.eval_every=60", "trainer.log_every=10",
                     "trainer.ckpt_every=1000")
     seed_everything(int(cfg.seed))  # the same initial weights as the run below

@@ -11,8 +11,12 @@ centred `eval_seconds` crop (the whole 10 s clip by default), zero-padded when t
 
 Model, loss, training and the AUC metrics: projbench/tasks/tagging.py (TaggingTask), 17 outputs.
 Metrics (x 100, reduced over DDP ranks by torchmetrics):
-  f1       instance-level micro F1 over clips x classes at `task.threshold`, as DCASE 2017
-           Task 4 subtask A ranks systems (sed_eval's tagging F-score); the primary metric
+  f1       F1 of the tags with a sigmoid output above `task.f1.threshold`, the primary metric:
+           `average: samples` (the recipe's) is each clip's F1 averaged over clips, as the
+           Harmonic CNN code scores DCASE (scikit-learn's f1_score(average='samples') at 0.1; a
+           clip with no true and no predicted tag scores 0, as there); `average: micro` is the
+           instance-level F1 over clips x classes by which DCASE 2017 Task 4 subtask A ranks
+           systems (sed_eval's tagging F-score, threshold 0.5)
   roc_auc  ROC-AUC, macro over the classes that have positive and negative clips in the split
   pr_auc   average precision, macro over the same classes
   loss     binary cross-entropy per clip (mean over classes)
@@ -23,6 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from omegaconf import OmegaConf
+import torch
 from torch.utils.data import Dataset
 from torchmetrics import Metric
 from torchmetrics.classification import MultilabelF1Score
@@ -32,14 +37,48 @@ from projbench.errors import ConfigError
 from projbench.tasks.tagging import TaggingTask
 
 
+F1_AVERAGES = ("samples", "micro")
+
+
+class SamplesF1(Metric):
+    """Multilabel F1 per sample (clip), averaged over samples: 2 TP / (2 TP + FP + FN) of each
+    row, 0 for a row with no true and no predicted label (scikit-learn's
+    `f1_score(average="samples")` with its default `zero_division`). `update` takes probabilities
+    (TaggingTask passes each clip's mean sigmoid output); a tag is predicted when its probability
+    is above `threshold` (strictly, as `est > 0.1` in the Harmonic CNN code)."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        predicted = preds > self.threshold
+        truth = target.bool()
+        tp = (predicted & truth).sum(dim=1, dtype=torch.float64)
+        wrong = (predicted ^ truth).sum(dim=1, dtype=torch.float64)  # FP + FN
+        denominator = 2 * tp + wrong
+        self.total += torch.where(denominator > 0, 2 * tp / denominator.clamp(min=1), 0.0).sum()
+        self.count += preds.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count.clamp(min=1)).float()
+
+
 class DcaseTask(TaggingTask):
     metrics = {"f1": "max", **TaggingTask.metrics}
     classes = DCASE2017_CLASSES
     positive_keys = (*TaggingTask.positive_keys, "eval_seconds")
 
     def check_config(self) -> None:
-        if not 0 < self.cfg.threshold < 1:
-            raise ConfigError("task.threshold", f"must be between 0 and 1, got {self.cfg.threshold}")
+        if not 0 < self.cfg.f1.threshold < 1:
+            raise ConfigError("task.f1.threshold", f"must be between 0 and 1, got {self.cfg.f1.threshold}")
+        if self.cfg.f1.average not in F1_AVERAGES:
+            raise ConfigError("task.f1.average", f"must be one of {', '.join(F1_AVERAGES)}, got {self.cfg.f1.average!r}")
 
     def write_fixture(self, root: Path) -> None:
         write_dcase_fixture(root)
@@ -55,4 +94,7 @@ class DcaseTask(TaggingTask):
                                    float(data.eval_seconds), random_crop=False) for split in ("val", "test")}
 
     def extra_metrics(self) -> dict[str, Metric]:
-        return {"f1": MultilabelF1Score(self.num_classes, threshold=float(self.cfg.threshold), average="micro")}
+        threshold = float(self.cfg.f1.threshold)
+        if self.cfg.f1.average == "samples":
+            return {"f1": SamplesF1(threshold)}
+        return {"f1": MultilabelF1Score(self.num_classes, threshold=threshold, average="micro")}
