@@ -20,9 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import CONF, make_cfg
-from projbench.data.audio import (DCASE2017_CLASSES, DCASE_AUDIO_DIRS, DCASE_LABEL_FILES, FIXTURE_CLIPS, Clip,
-                                  ClipDataset, fixture_labels, load_clip, read_dcase, read_weak_labels,
-                                  write_dcase_fixture)
+from projbench.data.audio import (DCASE2017_CLASSES, DCASE_AUDIO_DIRS, DCASE_LABEL_FILES, FIXTURE_CLIPS,
+                                  ChunkedClipDataset, Clip, ClipDataset, fixture_labels, load_clip, read_dcase,
+                                  read_weak_labels, write_dcase_fixture)
 from projbench.distributed import DistInfo
 from projbench.errors import ConfigError, DataError
 from projbench.models.harmonic_cnn import HarmonicFilterbank
@@ -126,6 +126,22 @@ def test_clips_are_mixed_to_mono_resampled_cropped_and_padded(tmp_path):
 
 
 # -- model ------------------------------------------------------------------------------------
+def test_evaluation_averages_16_crops_of_the_training_length_as_the_harmonic_cnn_code(data_dir):
+    recipe = make_cfg(["task=dcase"]).task.data
+    assert (recipe.crop_seconds, recipe.eval_chunks) == (3.0, 16)  # eval.sh --input_length 48000; eval.py 16 chunks
+    task = DcaseTask(dcase_cfg(data_dir, "task.data.eval_chunks=4").task)
+    task.setup(DistInfo())
+    test = task.eval_datasets()["test"]
+    assert isinstance(test, ChunkedClipDataset) and test.num_chunks == 4
+    crops, target = test[0]
+    assert crops.shape == (4, 8000) and target.shape == (17,)  # 0.5 s crops of the fixture's 1 s clips at 16 kHz
+    one_pass = DcaseTask(dcase_cfg(data_dir, "task.data.eval_chunks=null").task)
+    one_pass.setup(DistInfo())
+    assert one_pass.eval_datasets()["test"][0][0].shape == (16000,)  # eval_seconds 1.0, the whole clip
+    with pytest.raises(ConfigError, match="task.data.eval_chunks"):
+        DcaseTask(dcase_cfg(data_dir, "task.data.eval_chunks=0").task).setup(DistInfo())
+
+
 def test_harmonic_filters_sit_at_h_times_f0_and_learn_f0_and_bandwidth():
     bank = HarmonicFilterbank(16000, n_fft=1024, n_harmonic=3, semitone_scale=1, f_min=100, learn_f0=True)
     centres = bank.centres()

@@ -4,8 +4,10 @@ CNN: the DCASE column of the paper's Table 5.
 Data: the official layout under `task.data.root` (projbench/data/audio.py says which files):
 the weak-label training set trains, the testing set is the "val" split and the evaluation set
 the "test" split. Clips are read with soundfile, averaged to mono, resampled to
-`task.data.sample_rate`; training takes a random `crop_seconds` crop of each clip, evaluation a
-centred `eval_seconds` crop (the whole 10 s clip by default), zero-padded when the clip is shorter.
+`task.data.sample_rate`; training takes a random `crop_seconds` crop of each clip; evaluation
+averages the model's sigmoid outputs over `eval_chunks` crops of `crop_seconds` spread over the
+clip (16 by default, as the Harmonic CNN code's eval.py), or with `eval_chunks: null` sees a
+centred `eval_seconds` crop in one pass; a clip shorter than a crop is zero-padded.
 `task.data.fixture=true` writes a tiny data set in the same layout (rank 0, once, under
 `task.data.fixture_root`) and reads it through the same reader.
 
@@ -32,7 +34,7 @@ from torch.utils.data import Dataset
 from torchmetrics import Metric
 from torchmetrics.classification import MultilabelF1Score
 
-from projbench.data.audio import DCASE2017_CLASSES, ClipDataset, read_dcase, write_dcase_fixture
+from projbench.data.audio import DCASE2017_CLASSES, ChunkedClipDataset, ClipDataset, read_dcase, write_dcase_fixture
 from projbench.errors import ConfigError
 from projbench.tasks.tagging import TaggingTask
 
@@ -79,6 +81,9 @@ class DcaseTask(TaggingTask):
             raise ConfigError("task.f1.threshold", f"must be between 0 and 1, got {self.cfg.f1.threshold}")
         if self.cfg.f1.average not in F1_AVERAGES:
             raise ConfigError("task.f1.average", f"must be one of {', '.join(F1_AVERAGES)}, got {self.cfg.f1.average!r}")
+        chunks = self.cfg.data.eval_chunks
+        if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
+            raise ConfigError("task.data.eval_chunks", f"must be a positive integer or null, got {chunks!r}")
 
     def write_fixture(self, root: Path) -> None:
         write_dcase_fixture(root)
@@ -90,8 +95,12 @@ class DcaseTask(TaggingTask):
 
     def eval_datasets(self) -> dict[str, Dataset]:
         data = self.cfg.data
-        return {split: ClipDataset(self.splits[split], self.num_classes, int(data.sample_rate),
-                                   float(data.eval_seconds), random_crop=False) for split in ("val", "test")}
+        if data.eval_chunks is None:  # the clip's centred eval_seconds in one pass
+            return {split: ClipDataset(self.splits[split], self.num_classes, int(data.sample_rate),
+                                       float(data.eval_seconds), random_crop=False) for split in ("val", "test")}
+        return {split: ChunkedClipDataset(self.splits[split], self.num_classes, int(data.sample_rate),
+                                          float(data.crop_seconds), int(data.eval_chunks))
+                for split in ("val", "test")}
 
     def extra_metrics(self) -> dict[str, Metric]:
         threshold = float(self.cfg.f1.threshold)
