@@ -205,7 +205,12 @@ class Trainer:
 
     # -- phases (projbench/phases.py) ----------------------------------------------------------
     def _build_optimizer(self, optim_cfg: DictConfig) -> torch.optim.Optimizer:
-        return build_optimizer(optim_cfg, self.model, self.task.optimizer_groups(self.model))
+        """A phase's optimizer. The task's extra groups (e.g. retrieval's proxies at 100x) are
+        built from the run's lr: they keep their ratio to it under the phase's lr."""
+        scale = float(optim_cfg.lr) / float(self.cfg.optim.lr)
+        extra = [{**group, "lr": group["lr"] * scale} if "lr" in group else group
+                 for group in self.task.optimizer_groups(self.model)]
+        return build_optimizer(optim_cfg, self.model, extra)
 
     def _enter_phases(self) -> None:
         """Start the phases of trainer.phases whose first step comes next."""

@@ -148,6 +148,32 @@ def test_phases_switch_the_optimizer_and_restart_from_the_best_model(tmp_path):
     assert summary["selection"]["step"] in simulate(10)
 
 
+class GroupedTask(ScriptedTask):
+    """The scripted task with a second weight in its own optimizer group at 10x the run's lr (0.1),
+    as retrieval's proxies are."""
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        model.extra = nn.Parameter(torch.zeros(1))
+        return model
+
+    def training_loss(self, model, batch):
+        return super().training_loss(model, batch) + (model.extra - 1).pow(2).sum()
+
+    def optimizer_groups(self, model: nn.Module) -> list[dict]:
+        return [{"params": [model.extra], "lr": 1.0}]
+
+
+def test_a_phase_optimizer_keeps_the_tasks_extra_groups_at_their_ratio_to_its_lr(tmp_path):
+    grouped = [o.replace("test_selection.ScriptedTask", "test_selection.GroupedTask") for o in SCRIPTED]
+    train(make_cfg(grouped + ["trainer.max_steps=7"] + PHASES[:-2]), tmp_path / "sgd")
+    groups = torch.load(tmp_path / "sgd" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([0.05, 0.5])  # the new SGD at 0.05: the extra group at 10x
+    train(make_cfg(grouped + ["trainer.max_steps=10"] + PHASES), tmp_path / "low")
+    groups = torch.load(tmp_path / "low" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([0.01, 0.1])  # an lr phase keeps the ratio too
+
+
 def test_phases_and_selection_survive_sigkill_and_resume(tmp_path):
     """Adam, then SGD: the resumed run must rebuild the optimizer of its phase to load its state."""
     args = TASK + ["optim=adam", "optim.lr=0.1", "trainer.max_steps=12", "trainer.ckpt_every=4"] + PHASES
