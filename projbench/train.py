@@ -303,6 +303,10 @@ class Trainer:
             raise Interrupted(signum, self.step)
         while self.step < self.total_steps:
             self._enter_phases()
+            if self.step % self.steps_per_epoch == 0:
+                self.task.epoch_start(self.model, self.step // self.steps_per_epoch, self.train_loader, self.device,
+                                      int(self.cfg.seed))
+                self.train_model.train()
             batch = to_device(next(batches), self.device, tr.channels_last)
             with self._autocast():
                 loss = self.task.training_loss(self.train_model, batch)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -14,9 +15,10 @@ import torch
 from conftest import make_cfg, sweep_cells
 from projbench.data.imagenet9 import IMAGENET_A_OTHER, OTHER_WNIDS
 from projbench.distributed import DistInfo
-from projbench.errors import DataError
+from projbench.errors import ConfigError, DataError
 from projbench.tables import Run, build_table, load_spec
 from projbench.tasks.imagenet9 import ClusterBalancedAccuracy, ImageNet9Task
+from projbench.tasks.rebias import epoch_median_sigmas
 from projbench.train import build_trainer
 
 BASE = ["task=imagenet9", "logger=none", "trainer.progress=false", "task.data.image_size=32"]
@@ -179,6 +181,61 @@ def test_one_step_and_evaluation_end_to_end_on_the_fixture(data_dir, tmp_path):
 
 
 # -- the Table 4c sweep -----------------------------------------------------------------------
+class _Features(torch.nn.Module):
+    """A stand-in ReBiasPair: f's features are the inputs, g's twice them; counts its batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def forward(self, x):
+        self.batches += 1
+        return None, x, None, 2 * x
+
+
+def test_epoch_bandwidths_are_the_median_over_a_quarter_of_the_training_set_as_upstream():
+    points = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(points, torch.zeros(12, dtype=torch.long))
+    # one batch of all 12 points: the median of all 144 squared distances, the 12 zeros included
+    model = _Features()
+    loader = torch.utils.data.DataLoader(data, batch_size=12)
+    sigma_f, sigma_g = epoch_median_sigmas(model, loader, 0.25, seed=0, device=torch.device("cpu"))
+    expected = np.sqrt(np.median(((points[:, None] - points[None]) ** 2).sum(-1).numpy()))
+    assert (sigma_f, sigma_g) == pytest.approx((expected, 2 * expected), rel=1e-5)
+    # 6 batches of 2: upstream stops after index int(6 * 0.25) = 1, so 2 batches are read
+    model = _Features()
+    epoch_median_sigmas(model, torch.utils.data.DataLoader(data, batch_size=2), 0.25, seed=0,
+                        device=torch.device("cpu"))
+    assert model.batches == 2
+    model = _Features()
+    epoch_median_sigmas(model, torch.utils.data.DataLoader(data, batch_size=2), 1.0, seed=0, device=torch.device("cpu"))
+    assert model.batches == 6
+
+
+def test_imagenet9_takes_its_bandwidths_once_per_epoch_and_checkpoints_them(data_dir, tmp_path):
+    cfg = fixture_cfg(data_dir, "optim=adamp", "trainer.max_steps=3", "task.data.batch_size=8")
+    assert (cfg.task.rebias.sigma, cfg.task.rebias.median_over, cfg.task.rebias.median_fraction) == ("median", "epoch", 0.25)
+    trainer = build_trainer(cfg, tmp_path / "run")
+    seen = []
+    original = trainer.task.epoch_start
+
+    def spy(model, epoch, *args):
+        original(model, epoch, *args)
+        seen.append((epoch, trainer.task.sigmas))
+
+    trainer.task.epoch_start = spy
+    trainer.fit()
+    steps_per_epoch = trainer.steps_per_epoch
+    assert [epoch for epoch, _ in seen] == list(range(-(-3 // steps_per_epoch)))  # once per epoch begun
+    sigmas = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["task"]["sigmas"]
+    assert list(seen[-1][1]) == sigmas and all(s > 0 for s in sigmas)
+    resumed = ImageNet9Task(cfg.task)
+    resumed.load_state_dict({"sigmas": sigmas})
+    assert resumed.sigmas == tuple(sigmas)
+    with pytest.raises(ConfigError, match="task.rebias.median_over"):
+        ImageNet9Task(fixture_cfg(data_dir, "task.rebias.median_over=step").task)
+
+
 def test_table4c_sweep_fills_each_cell_of_the_table_once():
     cells = sweep_cells("imagenet9_table4c", "paths.data_dir=/datasets")
     assert sorted(c.optim.name for c in cells) == ["adam", "adamp"]

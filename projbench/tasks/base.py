@@ -98,6 +98,12 @@ class Task(ABC):
         moment. Default: none."""
         return []
 
+    def epoch_start(self, model: nn.Module, epoch: int, loader: DataLoader, device: torch.device, seed: int) -> None:
+        """Called before the first step of each training epoch (counted from 0) with the model
+        (not DDP-wrapped), the training loader, the device and the run's seed; not called when a
+        run resumes part-way through an epoch, so what it computes belongs in `state_dict`.
+        E.g. ReBias's kernel bandwidths from a quarter of the training set. Default: nothing."""
+
     def final_eval_loaders(self, batch_size: int, dist: DistInfo) -> dict[str, DataLoader]:
         """Loaders of a final evaluation whose protocol differs from the one during training (e.g.
         Transformer-XL's eval.py), run through `evaluate` once after the last step. The keys are

@@ -23,34 +23,45 @@ older. The task never touches the optimizer; an alternating scheme would need th
 twice per batch.
 
 The kernel bandwidths (`task.rebias.sigma`): a number (Biased-MNIST: 1, upstream's default
-`rbf_sigma_x=1`), or `median`, the median heuristic per batch on each network's detached
-features (9-class ImageNet; upstream takes the median over a quarter of the training set once per
-epoch). As upstream, both terms use (sigma_f, sigma_g) in that argument order, so g's own term
+`rbf_sigma_x=1`), or `median`, the median heuristic on each network's detached features. With
+`task.rebias.median_over: epoch` (9-class ImageNet, as upstream's `update_sigma_per_epoch`) it is
+taken at the start of every epoch over the first `median_fraction` of a shuffled pass over the
+training set (upstream criterions/sigma_utils.py `median_distance`: batches while idx <=
+len * 0.25, the model in train mode, so BatchNorm's running statistics move too) and held for the
+epoch; with `batch`, on each training batch. As upstream, both terms use (sigma_f, sigma_g) in that argument order, so g's own term
 applies f's bandwidth to g's features (trainer.py passes one sigma pair to both criteria and
 criterions/hsic.py applies sigma_x to the first argument).
 """
 
 from __future__ import annotations
 
+import logging
 from abc import abstractmethod
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
+from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
+from projbench.distributed import all_gather_list, current_rank
 from projbench.errors import ConfigError
-from projbench.hsic import median_sigma, rbf_hsic
+from projbench.hsic import median_sigma, rbf_hsic, squared_distances
 from projbench.models.rebias import ReBiasPair, build_network
 from projbench.tasks.base import Task
 
+log = logging.getLogger("projbench")
 MEDIAN = "median"
+MEDIAN_OVER = ("batch", "epoch")
 
 
 def kernel_bandwidths(f_features: torch.Tensor, g_features: torch.Tensor,
-                      sigma: float | str) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-    """(sigma_f, sigma_g): the configured number for both, or each one's median heuristic."""
+                      sigma: float | str | tuple[float, float]) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """(sigma_f, sigma_g): a given pair, the configured number for both, or each one's median
+    heuristic on these features."""
+    if isinstance(sigma, tuple):
+        return sigma
     if sigma == MEDIAN:
         return median_sigma(f_features), median_sigma(g_features)
     return float(sigma), float(sigma)
@@ -58,7 +69,7 @@ def kernel_bandwidths(f_features: torch.Tensor, g_features: torch.Tensor,
 
 def rebias_objective(f_logits: torch.Tensor, f_features: torch.Tensor, g_logits: torch.Tensor,
                      g_features: torch.Tensor, targets: torch.Tensor, f_lambda: float, g_lambda: float,
-                     sigma: float | str) -> torch.Tensor:
+                     sigma: float | str | tuple[float, float]) -> torch.Tensor:
     """f's objective plus g's; each HSIC term sees the other network's features detached, so the
     gradient of the sum is f's objective's for f and g's objective's for g."""
     sigma_f, sigma_g = kernel_bandwidths(f_features, g_features, sigma)
@@ -69,6 +80,43 @@ def rebias_objective(f_logits: torch.Tensor, f_features: torch.Tensor, g_logits:
     if g_lambda:
         g_loss = g_loss - g_lambda * rbf_hsic(g_features, f_features.detach(), sigma_f, sigma_g)
     return f_loss + g_loss
+
+
+def _median(values: torch.Tensor) -> float:
+    """numpy's median (the mean of the two middle values of an even count), by sorting."""
+    values = values.sort().values
+    n = len(values)
+    return float((values[(n - 1) // 2] + values[n // 2]) / 2)
+
+
+@torch.no_grad()
+def epoch_median_sigmas(model: nn.Module, loader: DataLoader, fraction: float, seed: int,
+                        device: torch.device) -> tuple[float, float]:
+    """(sigma_f, sigma_g) as upstream's `median_distance`: the sqrt of the median of the squared
+    pairwise feature distances within each batch (diagonal zeros included) over the batches of a
+    shuffled pass over `loader`'s data set while batch index <= len * fraction; the model in train
+    mode. The batches have `loader`'s global size (per-rank batch x world size) and the order comes
+    from `seed`, so every rank sees the same batches; under DDP the ranks take turns and share
+    their distances (the median needs all of them)."""
+    rank = current_rank()
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    batch_size = loader.batch_size * world
+    data = DataLoader(loader.dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                      generator=torch.Generator().manual_seed(seed), num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
+    last = min(int(len(data) * fraction), len(data) - 1)
+    model.train()
+    f_dist, g_dist = [], []
+    for index, (images, _targets) in enumerate(data):
+        if index > last:
+            break
+        if index % world != rank:
+            continue
+        _, f_features, _, g_features = model(images.to(device, non_blocking=True))
+        f_dist.append(squared_distances(f_features.float()).flatten().cpu())
+        g_dist.append(squared_distances(g_features.float()).flatten().cpu())
+    parts = all_gather_list([torch.cat(f_dist or [torch.empty(0)]), torch.cat(g_dist or [torch.empty(0)])])
+    return _median(torch.cat(parts[0::2])) ** 0.5, _median(torch.cat(parts[1::2])) ** 0.5
 
 
 class ReBiasTask(Task):
@@ -85,6 +133,14 @@ class ReBiasTask(Task):
         sigma = rebias.sigma
         if sigma != MEDIAN and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma <= 0):
             raise ConfigError("task.rebias.sigma", f"must be a kernel bandwidth > 0 or {MEDIAN!r}, got {sigma!r}")
+        over = rebias.get("median_over", "batch")
+        if over not in MEDIAN_OVER:
+            raise ConfigError("task.rebias.median_over", f"must be one of {', '.join(MEDIAN_OVER)}, got {over!r}")
+        fraction = rebias.get("median_fraction", 0.25)
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            raise ConfigError("task.rebias.median_fraction", f"must be between 0 and 1, got {fraction!r}")
+        self.epoch_medians = sigma == MEDIAN and over == "epoch"
+        self.sigmas: tuple[float, float] | None = None  # this epoch's (sigma_f, sigma_g) when epoch_medians
 
     @property
     @abstractmethod
@@ -100,11 +156,26 @@ class ReBiasTask(Task):
     def model_name(self) -> str:
         return f"{self.cfg.model.f.arch}_vs_{self.cfg.model.g.arch}"
 
+    def epoch_start(self, model: nn.Module, epoch: int, loader: DataLoader, device: torch.device, seed: int) -> None:
+        if self.epoch_medians:
+            self.sigmas = epoch_median_sigmas(model, loader, float(self.cfg.rebias.median_fraction),
+                                              seed * 1_000_003 + epoch + 7919, device)
+            log.info("epoch %d: kernel bandwidths sigma_f %.4g, sigma_g %.4g (median heuristic)", epoch, *self.sigmas)
+
+    def state_dict(self) -> dict:
+        return {} if self.sigmas is None else {"sigmas": list(self.sigmas)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "sigmas" in state:
+            self.sigmas = tuple(state["sigmas"])
+
     def training_loss(self, model: nn.Module, batch) -> torch.Tensor:
         images, targets = batch
         rebias = self.cfg.rebias
+        if self.epoch_medians and self.sigmas is None:
+            raise RuntimeError("median_over: epoch, but no epoch_start computed the bandwidths")
         return rebias_objective(*model(images), targets, float(rebias.f_lambda), float(rebias.g_lambda),
-                                rebias.sigma)
+                                self.sigmas if self.epoch_medians else rebias.sigma)
 
     def hsic_metric(self, device: torch.device) -> "BatchHSIC":
         return BatchHSIC(self.cfg.rebias.sigma).to(device)
