@@ -25,6 +25,7 @@ NULL_ALLOWED = {
     "trainer.max_steps", "trainer.max_epochs", "trainer.eval_every", "trainer.log_every",
     "trainer.ckpt_every", "trainer.diagnostics_every", "trainer.grad_clip",
     "task.data.num_workers", "task.num_classes", "task.data.cache_dir", "task.model.adaptive_cutoffs",
+    "task.data.eval_chunks",  # DCASE: null evaluates each clip in one pass (MTAT refuses it: a ConfigError)
 }
 
 

@@ -140,6 +140,9 @@ def test_evaluation_averages_16_crops_of_the_training_length_as_the_harmonic_cnn
     assert one_pass.eval_datasets()["test"][0][0].shape == (16000,)  # eval_seconds 1.0, the whole clip
     with pytest.raises(ConfigError, match="task.data.eval_chunks"):
         DcaseTask(dcase_cfg(data_dir, "task.data.eval_chunks=0").task).setup(DistInfo())
+    # the command line accepts the documented null (projbench/validation.py NULL_ALLOWED)
+    from projbench.validation import NULL_ALLOWED
+    assert "task.data.eval_chunks" in NULL_ALLOWED
 
 
 def test_harmonic_filters_sit_at_h_times_f0_and_learn_f0_and_bandwidth():

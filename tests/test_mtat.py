@@ -23,7 +23,7 @@ from projbench.data.audio import ChunkedClipDataset, Clip, load_chunks, load_cli
 from projbench.data.mtat import (ANNOTATIONS, FIXTURE_SOUNDS, FIXTURE_TAGS, Annotations, fixture_labels,
                                  read_annotations, read_mtat, top_tags, write_mtat_fixture)
 from projbench.distributed import DistInfo
-from projbench.errors import DataError
+from projbench.errors import ConfigError, DataError
 from projbench.tasks.mtat import MtatTask
 from projbench.train import seed_everything, train
 from test_dcase import TINY as DCASE_TINY
@@ -154,6 +154,13 @@ def test_malformed_csv_line_names_the_file_and_line(fixture_copy, line, problem)
     path.write_text("\n".join([*lines[:3], line, *lines[3:]]) + "\n")
     with pytest.raises(DataError, match=rf"{path}:4: {problem}"):
         read_annotations(path)
+
+
+def test_eval_chunks_must_be_a_positive_count(tmp_path):
+    # null is DCASE's one-pass evaluation; MTAT has no such evaluation and says so in one line
+    for value in ("null", "0"):
+        with pytest.raises(ConfigError, match="task.data.eval_chunks: must be > 0"):
+            MtatTask(mtat_cfg(tmp_path, f"task.data.eval_chunks={value}").task).setup(DistInfo())
 
 
 def test_missing_data_set_csv_or_mp3_fails_in_setup_naming_the_path(fixture_copy, tmp_path):

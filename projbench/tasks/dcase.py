@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from torchmetrics import Metric
 from torchmetrics.classification import MultilabelF1Score
 
-from projbench.data.audio import DCASE2017_CLASSES, ChunkedClipDataset, ClipDataset, read_dcase, write_dcase_fixture
+from projbench.data.audio import DCASE2017_CLASSES, ClipDataset, read_dcase, write_dcase_fixture
 from projbench.errors import ConfigError
 from projbench.tasks.tagging import TaggingTask
 
@@ -74,16 +74,14 @@ class SamplesF1(Metric):
 class DcaseTask(TaggingTask):
     metrics = {"f1": "max", **TaggingTask.metrics}
     classes = DCASE2017_CLASSES
-    positive_keys = (*TaggingTask.positive_keys, "eval_seconds")
+    positive_keys = (*TaggingTask.positive_keys, "eval_seconds", "eval_chunks")
+    nullable_keys = ("eval_chunks",)
 
     def check_config(self) -> None:
         if not 0 < self.cfg.f1.threshold < 1:
             raise ConfigError("task.f1.threshold", f"must be between 0 and 1, got {self.cfg.f1.threshold}")
         if self.cfg.f1.average not in F1_AVERAGES:
             raise ConfigError("task.f1.average", f"must be one of {', '.join(F1_AVERAGES)}, got {self.cfg.f1.average!r}")
-        chunks = self.cfg.data.eval_chunks
-        if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
-            raise ConfigError("task.data.eval_chunks", f"must be a positive integer or null, got {chunks!r}")
 
     def write_fixture(self, root: Path) -> None:
         write_dcase_fixture(root)
@@ -95,12 +93,10 @@ class DcaseTask(TaggingTask):
 
     def eval_datasets(self) -> dict[str, Dataset]:
         data = self.cfg.data
-        if data.eval_chunks is None:  # the clip's centred eval_seconds in one pass
-            return {split: ClipDataset(self.splits[split], self.num_classes, int(data.sample_rate),
-                                       float(data.eval_seconds), random_crop=False) for split in ("val", "test")}
-        return {split: ChunkedClipDataset(self.splits[split], self.num_classes, int(data.sample_rate),
-                                          float(data.crop_seconds), int(data.eval_chunks))
-                for split in ("val", "test")}
+        if data.eval_chunks is not None:
+            return self.chunked_eval_datasets()
+        return {split: ClipDataset(self.splits[split], self.num_classes, int(data.sample_rate),  # one pass
+                                   float(data.eval_seconds), random_crop=False) for split in ("val", "test")}
 
     def extra_metrics(self) -> dict[str, Metric]:
         threshold = float(self.cfg.f1.threshold)

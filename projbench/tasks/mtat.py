@@ -24,7 +24,6 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from projbench.data.audio import ChunkedClipDataset
 from projbench.data.mtat import read_mtat, write_mtat_fixture
 from projbench.errors import ConfigError
 from projbench.tasks.tagging import TaggingTask
@@ -50,7 +49,4 @@ class MtatTask(TaggingTask):
         self.classes, self.splits = read_mtat(root, tags, int(data.num_tags), split_dir, data.audio_dir)
 
     def eval_datasets(self) -> dict[str, Dataset]:
-        data = self.cfg.data
-        return {split: ChunkedClipDataset(self.splits[split], self.num_classes, int(data.sample_rate),
-                                          float(data.crop_seconds), int(data.eval_chunks))
-                for split in ("val", "test")}
+        return self.chunked_eval_datasets()

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MultilabelAUROC, MultilabelAveragePrecision, MultilabelStatScores
 
-from projbench.data.audio import Clip, ClipDataset
+from projbench.data.audio import ChunkedClipDataset, Clip, ClipDataset
 from projbench.distributed import DistInfo
 from projbench.errors import ConfigError
 from projbench.models.harmonic_cnn import HarmonicCNN
@@ -50,6 +50,8 @@ class TaggingTask(Task):
     classes: tuple[str, ...] = ()
     #: task.data keys that must be > 0
     positive_keys: tuple[str, ...] = ("sample_rate", "crop_seconds")
+    #: those of positive_keys that may also be null (a documented choice, e.g. DCASE's eval_chunks)
+    nullable_keys: tuple[str, ...] = ()
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -62,7 +64,9 @@ class TaggingTask(Task):
     def setup(self, dist: DistInfo) -> None:
         data = self.cfg.data
         for key in self.positive_keys:
-            if data[key] <= 0:
+            if data[key] is None and key in self.nullable_keys:
+                continue
+            if data[key] is None or data[key] <= 0:
                 raise ConfigError(f"task.data.{key}", f"must be > 0, got {data[key]}")
         self.check_config()
         self.read_splits(self.prepare_fixture(dist, self.write_fixture))
@@ -85,6 +89,14 @@ class TaggingTask(Task):
         data = self.cfg.data
         return ClipDataset(self.splits["train"], self.num_classes, int(data.sample_rate), float(data.crop_seconds),
                            random_crop=True)
+
+    def chunked_eval_datasets(self) -> dict[str, Dataset]:
+        """val and test clips, each cut into `task.data.eval_chunks` crops of `crop_seconds` spread
+        over the clip, whose outputs evaluation averages (the Harmonic CNN code's eval.py)."""
+        data = self.cfg.data
+        return {split: ChunkedClipDataset(self.splits[split], self.num_classes, int(data.sample_rate),
+                                          float(data.crop_seconds), int(data.eval_chunks))
+                for split in ("val", "test")}
 
     def training_loss(self, model: nn.Module, batch) -> torch.Tensor:
         waves, targets = batch
