@@ -36,11 +36,19 @@ def squared_distances(x: torch.Tensor) -> torch.Tensor:
     return (norms[:, None] + norms[None, :] - 2 * gram).clamp_min(0)
 
 
+def median(values: torch.Tensor) -> torch.Tensor:
+    """numpy's median of a 1-D tensor (the mean of the two middle values of an even count), by
+    sorting: torch.quantile refuses more than 2^24 values, an epoch's distances may be more."""
+    values = values.sort().values
+    n = len(values)
+    return (values[(n - 1) // 2] + values[n // 2]) / 2
+
+
 def median_sigma(x: torch.Tensor) -> torch.Tensor:
     """The median heuristic: sqrt of the median of the m^2 squared pairwise distances of the rows
     of `x`, the m zeros of the diagonal included, as clovaai/rebias criterions/sigma_utils.py
     (`median_distance`) computes it. Detached: the bandwidth is not trained."""
-    return squared_distances(x.detach().float()).flatten().quantile(0.5).sqrt()
+    return median(squared_distances(x.detach().float()).flatten()).sqrt()
 
 
 def hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ from torchmetrics import MeanMetric
 
 from projbench.distributed import all_gather_list, current_rank
 from projbench.errors import ConfigError
-from projbench.hsic import median_sigma, rbf_hsic, squared_distances
+from projbench.hsic import median, median_sigma, rbf_hsic, squared_distances
 from projbench.models.rebias import ReBiasPair, build_network
 from projbench.tasks.base import Task
 
@@ -82,13 +82,6 @@ def rebias_objective(f_logits: torch.Tensor, f_features: torch.Tensor, g_logits:
     return f_loss + g_loss
 
 
-def _median(values: torch.Tensor) -> float:
-    """numpy's median (the mean of the two middle values of an even count), by sorting."""
-    values = values.sort().values
-    n = len(values)
-    return float((values[(n - 1) // 2] + values[n // 2]) / 2)
-
-
 @torch.no_grad()
 def epoch_median_sigmas(model: nn.Module, loader: DataLoader, fraction: float, seed: int,
                         device: torch.device) -> tuple[float, float]:
@@ -116,7 +109,7 @@ def epoch_median_sigmas(model: nn.Module, loader: DataLoader, fraction: float, s
         f_dist.append(squared_distances(f_features.float()).flatten().cpu())
         g_dist.append(squared_distances(g_features.float()).flatten().cpu())
     parts = all_gather_list([torch.cat(f_dist or [torch.empty(0)]), torch.cat(g_dist or [torch.empty(0)])])
-    return _median(torch.cat(parts[0::2])) ** 0.5, _median(torch.cat(parts[1::2])) ** 0.5
+    return float(median(torch.cat(parts[0::2])).sqrt()), float(median(torch.cat(parts[1::2])).sqrt())
 
 
 class ReBiasTask(Task):
