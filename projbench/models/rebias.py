@@ -28,16 +28,7 @@ import timm
 import torch
 from torch import nn
 
-
-def _init_conv_bn(module: nn.Module) -> None:
-    """He-normal (fan-out) convolutions and BatchNorm at weight 1, bias 0, as both upstream
-    networks initialise (BagNet's normal(0, sqrt(2 / (k * k * out))) is the same distribution)."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+from projbench.models.init import init_conv_bn
 
 
 class SimpleConvNet(nn.Module):
@@ -52,7 +43,7 @@ class SimpleConvNet(nn.Module):
             width = out
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(width, num_classes)
-        _init_conv_bn(self)
+        init_conv_bn(self)  # BagNet's normal(0, sqrt(2 / (k * k * out))) is the same distribution
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features(x).mean((2, 3))
@@ -102,7 +93,7 @@ class BagNet18(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
         self.fc = nn.Linear(width, num_classes)
-        _init_conv_bn(self)
+        init_conv_bn(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.stages(self.stem(x)).mean((2, 3))
